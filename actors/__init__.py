@@ -1,0 +1,1 @@
+"""Dramatiq wiring: the broker, the actors (thin: IDs in, one pipeline call) and middleware."""

@@ -1,0 +1,1 @@
+"""Connectors: the ``Connector`` protocol, the registry, and the concrete upstream adapters."""

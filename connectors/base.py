@@ -1,0 +1,107 @@
+"""The ``Connector`` boundary: what every upstream adapter declares and does."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Protocol
+
+from connectors.policy import FieldPolicy
+
+Record = dict[str, Any]
+FetchState = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSpec:
+    """One resource a connector offers: how it is partitioned, keyed, shaped and filtered."""
+
+    name: str
+    primary_key: str
+    transform: str
+    policy: FieldPolicy = field(default_factory=FieldPolicy)
+    incremental_field: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """Everything a connector needs to fetch the next chunk of one partition.
+
+    ``state`` is ``None`` on the first chunk and otherwise exactly the ``Chunk.state`` the
+    previous chunk returned (persisted in ``sync_tasks.fetch_state`` between messages).
+    """
+
+    company_id: int
+    external_id: str | None
+    resource: str
+    partition: str
+    state: FetchState | None = None
+    since: str | None = None
+    attempt: int = 1
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """The records of one chunk and the state to resume from after it."""
+
+    records: list[Record]
+    state: FetchState
+    done: bool
+    requests: int = 1
+
+
+class Connector(Protocol):
+    """An upstream adapter, built from one company's validated connector config.
+
+    Implementations raise ``ConfigError`` from their constructor for an invalid config
+    (naming the key), ``UpstreamError`` from ``fetch`` for upstream failures.
+    """
+
+    name: str
+
+    def resources(self) -> Sequence[ResourceSpec]:
+        """The resources this company's connector offers."""
+        ...
+
+    def partitions(self, resource: str, today: date) -> list[str]:
+        """The partition keys of ``resource`` to sync on ``today`` (e.g. one per day ahead)."""
+        ...
+
+    def fetch(self, request: FetchRequest) -> Chunk:
+        """Fetch one chunk: a bounded number of upstream calls, never more than one budget."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class RateLimiter(Protocol):
+    """Spaces requests to one upstream across every worker process and host."""
+
+    def acquire(self, key: str, requests_per_second: float) -> None:
+        """Block until the caller may send one request to upstream ``key``."""
+        ...
+
+
+class ConnectorFactory(Protocol):
+    """Builds a connector from a company's config; raises ``ConfigError`` naming a bad key."""
+
+    def __call__(self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None) -> Connector: ...
+
+
+def resource_spec(connector: Connector, name: str) -> ResourceSpec:
+    """Return the named resource of ``connector``.
+
+    Raises:
+        ConnectorError: the connector does not offer ``name``.
+    """
+    from pipeline.errors import ConnectorError
+
+    for spec in connector.resources():
+        if spec.name == name:
+            return spec
+    offered = ", ".join(spec.name for spec in connector.resources())
+    raise ConnectorError(f"connector {connector.name!r} has no resource {name!r} (offers: {offered})")

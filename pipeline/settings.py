@@ -1,0 +1,118 @@
+"""The one settings object, read from ``PIPELINE_*`` environment variables at the edge."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlparse
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Every field maps to ``PIPELINE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///./pipeline.db"
+    broker_url: str | None = None
+    blob_url: str = "file://./blobs"
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_secure: bool = False
+    s3_region: str | None = None
+    admin_api_key: str | None = None
+    jwt_secret: str | None = None
+    jwt_issuer: str = "sync-pipeline"
+    task_time_budget_s: float = Field(default=120.0, gt=0, le=900)
+    lease_s: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=50)
+    retry_min_backoff_ms: int = Field(default=1_000, ge=0)
+    retry_max_backoff_ms: int = Field(default=60_000, ge=0, le=600_000)
+    schedule_cron: str = "0 * * * *"
+    retention_days: int = Field(default=7, ge=0)
+    gc_grace_s: float = Field(default=3600.0, ge=0)
+    pending_grace_s: float = Field(default=300.0, gt=0)
+    worker_threads: int = Field(default=4, ge=1, le=64)
+    queue_name: str = "sync"
+    max_unfinished_jobs: int = Field(default=3, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        scheme = urlparse(value).scheme.split("+")[0]
+        if scheme not in {"sqlite", "postgresql", "postgres"}:
+            raise ValueError(f"unsupported database scheme {scheme!r}; use sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        scheme = urlparse(value).scheme
+        if scheme not in {"amqp", "amqps"}:
+            raise ValueError(f"unsupported broker scheme {scheme!r}; use amqp:// or leave unset")
+        return value
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_scheme(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError("s3:// URL needs a bucket name, e.g. s3://pipeline")
+        elif parsed.scheme != "file":
+            raise ValueError(f"unsupported blob scheme {parsed.scheme!r}; use s3://BUCKET or file:///DIR")
+        return value
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _s3_needs_endpoint(self) -> Settings:
+        if self.blob_url.startswith("s3://") and not self.s3_endpoint:
+            raise ValueError("PIPELINE_S3_ENDPOINT is required when PIPELINE_BLOB_URL is s3://")
+        return self
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim holds a task: the budget plus room to publish."""
+        return self.lease_s if self.lease_s is not None else self.task_time_budget_s * 2 + 30
+
+    @property
+    def message_time_limit_ms(self) -> int:
+        """Dramatiq's TimeLimit: above the budget, well below RabbitMQ's 30 min consumer_timeout."""
+        return int((self.lease_seconds + 60) * 1000)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith(("postgresql", "postgres"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment, turning validation errors into one clear message.
+
+    Raises:
+        ConfigError: naming each bad ``PIPELINE_*`` variable and why.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            name = f"PIPELINE_{field.upper()}" if error["loc"] else "settings"
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from exc
