@@ -53,3 +53,7 @@ class TaskCancelled(PipelineError):
 
 class LeaseLost(PipelineError):
     """Another worker holds the task now; this worker must stop without writing."""
+
+
+class AuthError(PipelineError):
+    """A bearer token is missing, malformed, expired, badly signed or lacks a required claim."""

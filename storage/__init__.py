@@ -6,8 +6,19 @@ from storage.checksum import sha256_hex
 __all__ = ["BlobStore", "ObjectInfo", "open_store", "sha256_hex"]
 
 
-def open_store(url: str, **s3_options: object) -> BlobStore:
+def open_store(
+    url: str,
+    *,
+    endpoint: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    secure: bool = False,
+    region: str | None = None,
+) -> BlobStore:
     """Open the store named by ``url`` (``file:///DIR`` or ``s3://BUCKET``); see ``storage.factory``."""
+    # Imported here so that ``import storage`` stays cheap and does not load the S3 SDK.
     from storage.factory import open_store as _open
 
-    return _open(url, **s3_options)
+    return _open(
+        url, endpoint=endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+    )

@@ -1,0 +1,57 @@
+"""Broker wiring: RabbitMQ for the real stack, Dramatiq's in-process StubBroker otherwise."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AgeLimit, Retries, ShutdownNotifications, TimeLimit
+
+from pipeline.settings import Settings
+
+HEARTBEAT_S = 60
+
+
+def amqp_url_with_heartbeat(url: str) -> str:
+    """Make sure the connection sends heartbeats (30–60 s; never 0, see dramatiq#321)."""
+    parsed = urlparse(url)
+    query = dict(parse_qsl(parsed.query))
+    query.setdefault("heartbeat", str(HEARTBEAT_S))
+    query.setdefault("blocked_connection_timeout", "30")
+    return urlunparse(parsed._replace(query=urlencode(query)))
+
+
+def middleware(settings: Settings) -> list[dramatiq.Middleware]:
+    """The broker's middleware. Retry policy lives here, not in actors.
+
+    Backoff stays well under RabbitMQ's consumer_timeout: delayed messages are held
+    unacknowledged in worker memory until due (dramatiq#827). The database decides when an
+    attempt is the last one; Retries only spaces the attempts.
+    """
+    return [
+        AgeLimit(),
+        TimeLimit(time_limit=settings.message_time_limit_ms, interval=1000),
+        ShutdownNotifications(),
+        Retries(
+            max_retries=settings.max_attempts + 2,
+            min_backoff=settings.retry_min_backoff_ms,
+            max_backoff=settings.retry_max_backoff_ms,
+        ),
+    ]
+
+
+def make_broker(settings: Settings) -> dramatiq.Broker:
+    """Build the broker named by ``PIPELINE_BROKER_URL`` (unset: in-process) and make it global.
+
+    Dramatiq's actor decorator and its CLI look the broker up globally, so it is set here.
+    """
+    broker: dramatiq.Broker
+    if settings.broker_url:
+        broker = RabbitmqBroker(url=amqp_url_with_heartbeat(settings.broker_url), middleware=middleware(settings))
+    else:
+        broker = StubBroker(middleware=middleware(settings))
+        broker.emit_after("process_boot")
+    dramatiq.set_broker(broker)
+    return broker

@@ -1,0 +1,78 @@
+"""The actors. Thin: a task id in, one ``pipeline`` call, nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dramatiq
+
+from pipeline.execution import Outcome, RetryTask, run_task
+from pipeline.runtime import Runtime
+
+SYNC_PARTITION = "sync_partition"
+SYNC_PARTITION_HIGH = "sync_partition_high"
+# Dramatiq's worker takes lower numbers first from the messages it has prefetched.
+HIGH_PRIORITY = 0
+NORMAL_PRIORITY = 100
+
+
+@dataclass
+class Actors:
+    """The declared actors of one broker; implements ``pipeline.dispatch.Dispatcher``."""
+
+    broker: dramatiq.Broker
+    normal: dramatiq.Actor[[int], None]
+    high: dramatiq.Actor[[int], None]
+
+    def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
+        actor = self.high if priority == "high" else self.normal
+        for task_id in task_ids:
+            actor.send(task_id)
+
+    def backlog(self) -> int | None:
+        counts = getattr(self.broker, "get_queue_message_counts", None)
+        if counts is None:
+            return None
+        total = 0
+        for actor in (self.normal, self.high):
+            ready, delayed, _dead = counts(actor.queue_name)
+            total += ready + delayed
+        return total
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.normal.queue_name, self.high.queue_name]
+
+
+def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
+    """Declare ``sync_partition`` (scheduled work) and its high-priority twin on ``broker``.
+
+    People's syncs (API, CLI) go to their own queue and run ahead of the hourly batch.
+    """
+    queue = runtime.settings.queue_name
+    holder: dict[str, dramatiq.Actor[[int], None]] = {}
+
+    def run(task_id: int, actor_name: str) -> None:
+        try:
+            outcome = run_task(runtime, task_id)
+        except RetryTask as exc:
+            # dramatiq.Retry: the Retries middleware backs off and re-sends, without an error log.
+            raise dramatiq.Retry(str(exc)) from exc
+        if outcome is Outcome.CONTINUE:
+            holder[actor_name].send(task_id)
+
+    def sync_partition(task_id: int) -> None:
+        run(task_id, SYNC_PARTITION)
+
+    def sync_partition_high(task_id: int) -> None:
+        run(task_id, SYNC_PARTITION_HIGH)
+
+    holder[SYNC_PARTITION] = dramatiq.actor(
+        sync_partition, broker=broker, actor_name=SYNC_PARTITION, queue_name=queue, priority=NORMAL_PRIORITY,
+    )
+    holder[SYNC_PARTITION_HIGH] = dramatiq.actor(
+        sync_partition_high, broker=broker, actor_name=SYNC_PARTITION_HIGH, queue_name=f"{queue}-high",
+        priority=HIGH_PRIORITY,
+    )
+    return Actors(broker=broker, normal=holder[SYNC_PARTITION], high=holder[SYNC_PARTITION_HIGH])

@@ -1,0 +1,20 @@
+"""Entry module for ``dramatiq actors.worker`` (what ``pipeline worker`` runs in each process).
+
+Importing it reads the settings, opens the runtime, builds the broker and declares the
+actors — once per worker process, at the edge.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from actors.broker import make_broker
+from actors.tasks import declare_actors
+from pipeline.runtime import Runtime
+from pipeline.settings import load_settings
+
+settings = load_settings()
+logging.getLogger("pipeline").setLevel(settings.log_level)
+runtime = Runtime.from_settings(settings)
+broker = make_broker(settings)
+actors = declare_actors(broker, runtime)

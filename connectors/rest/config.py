@@ -1,0 +1,359 @@
+"""The ``rest`` connector's config: pydantic models for the JSON a company stores.
+
+Everything is validated when a company is added or updated; a bad config raises
+``ConfigError`` naming the key path, e.g. ``resources.schedule.paginator.limit``. Secrets are
+never part of the config: ``auth`` names the environment variables that hold them.
+
+Beyond the shape in issue 3, the config accepts (all optional):
+
+- ``pages_per_chunk`` (default 10): upstream pages fetched per ``fetch`` call, i.e. per chunk.
+- ``retry``: ``{"max_attempts": 5, "backoff_s": 0.5, "max_backoff_s": 30, "max_wait_s": 120}``.
+- ``paginator.limit_param`` / ``paginator.limit`` for ``cursor`` (Stripe's ``limit``).
+- ``paginator.has_more`` for ``page`` (as for ``offset``).
+- ``records`` may be omitted: the response body itself is then the list of records.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from connectors.transforms import TRANSFORMS
+from pipeline.errors import ConfigError
+
+PLACEHOLDERS = frozenset({"partition", "external_id"})
+
+_ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+_RESOURCE = r"^[A-Za-z0-9_.-]+$"
+_DOTTED = r"^[^.]+(\.[^.]+)*$"
+_PATTERN_MEANING = {
+    _ENV_VAR: "must be the NAME of an environment variable (letters, digits, '_')",
+    _HEADER: "must be an HTTP header name",
+    _RESOURCE: "a resource name may contain only letters, digits, '_', '.' and '-'",
+    _DOTTED: "must be a dotted path such as 'data' or 'result.items'",
+}
+
+EnvVarName = Annotated[str, StringConstraints(pattern=_ENV_VAR, max_length=200)]
+HeaderName = Annotated[str, StringConstraints(pattern=_HEADER, max_length=200)]
+# Resource names become part of blob keys and URLs: keep them to a safe alphabet.
+ResourceName = Annotated[str, StringConstraints(pattern=_RESOURCE, max_length=100)]
+ParamName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+DottedPath = Annotated[str, StringConstraints(pattern=_DOTTED, max_length=500)]
+ParamValue = str | int | float | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BearerAuth(_Model):
+    """``Authorization: Bearer <value of token_env>``."""
+
+    type: Literal["bearer"]
+    token_env: EnvVarName
+
+
+class HeaderAuth(_Model):
+    """``<name>: <value of value_env>``, e.g. ``X-Api-Key``."""
+
+    type: Literal["header"]
+    name: HeaderName
+    value_env: EnvVarName
+
+
+class NoAuth(_Model):
+    type: Literal["none"]
+
+
+AuthConfig = Annotated[BearerAuth | HeaderAuth | NoAuth, Field(discriminator="type")]
+
+
+class RateLimitConfig(_Model):
+    """Requests per second to this ``base_url``, shared by every worker on every host."""
+
+    requests_per_second: float = Field(gt=0, le=10_000)
+
+
+class RetryConfig(_Model):
+    """Retries of one upstream request on connection errors, timeouts, 429 and 5xx.
+
+    The n-th retry waits ``Retry-After`` when the upstream sends it, otherwise a random time in
+    ``[0, min(max_backoff_s, backoff_s * 2**(n-1))]`` (exponential backoff with full jitter).
+    ``max_wait_s`` bounds the total wait for one request.
+    """
+
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_s: float = Field(default=0.5, gt=0, le=60)
+    max_backoff_s: float = Field(default=30.0, gt=0, le=600)
+    max_wait_s: float = Field(default=120.0, ge=0, le=1_800)
+
+
+class NonePartitions(_Model):
+    """One partition, ``"all"``."""
+
+    type: Literal["none"]
+
+
+class DailyPartitions(_Model):
+    """One partition per ISO date: ``days_back`` days before today, today, and the days after.
+
+    ``days_ahead`` counts today: ``{"days_ahead": 7, "days_back": 0}`` is today and the next six
+    days; ``{"days_ahead": 1, "days_back": 2}`` is the day before yesterday, yesterday and today.
+    """
+
+    type: Literal["daily"]
+    days_ahead: int = Field(default=7, ge=0, le=366)
+    days_back: int = Field(default=0, ge=0, le=366)
+
+    @model_validator(mode="after")
+    def _at_least_one_day(self) -> DailyPartitions:
+        if self.days_ahead + self.days_back < 1:
+            raise ValueError("days_ahead + days_back must be at least 1")
+        return self
+
+
+PartitionsConfig = Annotated[NonePartitions | DailyPartitions, Field(discriminator="type")]
+
+
+class NonePaginatorConfig(_Model):
+    """A single request returns every record."""
+
+    type: Literal["none"]
+
+
+class OffsetPaginatorConfig(_Model):
+    """``offset``/``limit`` parameters (Close: ``_skip``/``_limit``).
+
+    The stream ends when ``has_more`` (a dotted path in the body) is false or, without it, on a
+    page shorter than ``limit``.
+    """
+
+    type: Literal["offset"]
+    offset_param: ParamName = "offset"
+    limit_param: ParamName = "limit"
+    limit: int = Field(default=100, ge=1, le=100_000)
+    has_more: DottedPath | None = None
+
+
+class PagePaginatorConfig(_Model):
+    """Page number and size parameters; ends like ``offset``."""
+
+    type: Literal["page"]
+    page_param: ParamName = "page"
+    size_param: ParamName = "pageSize"
+    size: int = Field(default=100, ge=1, le=100_000)
+    first_page: int = Field(default=1, ge=0)
+    has_more: DottedPath | None = None
+
+
+class CursorPaginatorConfig(_Model):
+    """An opaque cursor sent as ``cursor_param``.
+
+    The next cursor is read at ``cursor_path`` in the body, or, when that is null, it is the
+    last record's primary key (Stripe's ``starting_after``). The stream ends when ``has_more``
+    is false or, without it, when there is no next cursor or the page is empty.
+    """
+
+    type: Literal["cursor"]
+    cursor_param: ParamName = "starting_after"
+    cursor_path: DottedPath | None = None
+    has_more: DottedPath | None = None
+    limit_param: ParamName | None = None
+    limit: int | None = Field(default=None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _limit_needs_param(self) -> CursorPaginatorConfig:
+        if (self.limit is None) != (self.limit_param is None):
+            raise ValueError("limit and limit_param go together: set both or neither")
+        return self
+
+
+class LinkPaginatorConfig(_Model):
+    """RFC 8288 ``Link: <url>; rel="next"`` headers (GitHub style); no ``next`` ends the stream."""
+
+    type: Literal["link"]
+
+
+PaginatorConfig = Annotated[
+    NonePaginatorConfig
+    | OffsetPaginatorConfig
+    | PagePaginatorConfig
+    | CursorPaginatorConfig
+    | LinkPaginatorConfig,
+    Field(discriminator="type"),
+]
+
+
+class EnvelopeConfig(_Model):
+    """An HTTP 200 whose ``success`` key is not ``true`` is an error carrying ``message``."""
+
+    success: DottedPath
+    message: DottedPath | None = None
+
+
+class IncrementalConfig(_Model):
+    """Send the bookmark as ``param``; the bookmark is the largest value of record key ``field`` seen."""
+
+    param: ParamName
+    field: str = Field(min_length=1, max_length=200)
+
+
+def _check_template(value: str) -> str:
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write a literal brace as {{{{ or }}}})") from None
+    for _literal, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in PLACEHOLDERS or spec or conversion:
+            allowed = ", ".join(f"{{{p}}}" for p in sorted(PLACEHOLDERS))
+            raise ValueError(f"unknown placeholder {{{name}}}; allowed: {allowed}")
+    return value
+
+
+def uses_placeholder(template: str, name: str) -> bool:
+    """Whether ``template`` (already validated) contains ``{name}``."""
+    return any(field == name for _literal, field, _spec, _conv in string.Formatter().parse(template))
+
+
+class ResourceConfig(_Model):
+    """One resource: where to fetch it, how to page through it, how to read and key its records."""
+
+    path: str = Field(min_length=1, max_length=2_000)
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+    partitions: PartitionsConfig = NonePartitions(type="none")
+    records: DottedPath | None = None
+    envelope: EnvelopeConfig | None = None
+    primary_key: str = Field(min_length=1, max_length=200)
+    paginator: PaginatorConfig = NonePaginatorConfig(type="none")
+    incremental: IncrementalConfig | None = None
+    transform: str = "identity"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/' (it is appended to base_url)")
+        return _check_template(value)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("must be an object of query parameters")
+        for name, item in value.items():
+            if not isinstance(item, str | int | float | bool):
+                raise ValueError(f"{name}: must be a string, number or boolean")
+            if isinstance(item, str):
+                try:
+                    _check_template(item)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    @field_validator("transform")
+    @classmethod
+    def _transform(cls, value: str) -> str:
+        if value not in TRANSFORMS:
+            raise ValueError(f"unknown transform {value!r}; known: {', '.join(sorted(TRANSFORMS))}")
+        return value
+
+
+class RestConfig(_Model):
+    """A company's ``rest`` connector config (see the module docstring for the keys)."""
+
+    base_url: str = Field(max_length=2_000)
+    auth: AuthConfig = NoAuth(type="none")
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    rate_limit: RateLimitConfig | None = None
+    retry: RetryConfig = RetryConfig()
+    pages_per_chunk: int = Field(default=10, ge=1, le=10_000)
+    resources: dict[ResourceName, ResourceConfig] = Field(min_length=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        return value.rstrip("/")
+
+
+# Where pydantic puts the tag of a discriminated union into an error location (``None``
+# matches any resource name): ``resources.s.paginator.offset.limit`` is reported as
+# ``resources.s.paginator.limit``, the key the user wrote.
+_TAGGED: tuple[tuple[str | None, ...], ...] = (
+    ("auth",),
+    ("resources", None, "partitions"),
+    ("resources", None, "paginator"),
+)
+
+
+def _is_tagged(parts: list[str]) -> bool:
+    return any(
+        len(parts) == len(prefix) and all(p is None or p == q for p, q in zip(prefix, parts, strict=True))
+        for prefix in _TAGGED
+    )
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    skip_tag = False
+    for part in loc:
+        if skip_tag:
+            skip_tag = False
+            continue
+        if part == "[key]":
+            continue
+        parts.append(str(part))
+        skip_tag = _is_tagged(parts)
+    return ".".join(parts)
+
+
+def _describe(error: ErrorDetails) -> str:
+    path = _key_path(error["loc"])
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    message = error["msg"]
+    if kind == "union_tag_invalid":
+        path += ".type"
+        message = f"{context.get('tag')!r} is not one of {context.get('expected_tags')}"
+    elif kind == "union_tag_not_found":
+        path += ".type"
+        message = "required"
+    elif kind == "value_error":
+        message = str(context.get("error", message))
+    elif kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "string_pattern_mismatch":
+        message = _PATTERN_MEANING.get(str(context.get("pattern")), message)
+    return f"{path or 'config'}: {message}"
+
+
+def parse_config(config: Any) -> RestConfig:
+    """Validate a company's ``rest`` config.
+
+    Raises:
+        ConfigError: naming the key path of every problem, e.g.
+            ``rest config: resources.schedule.paginator.type: 'pages' is not one of ...``.
+    """
+    try:
+        return RestConfig.model_validate(config)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors(include_url=False, include_input=False)]
+        # Not chained: pydantic's own message echoes input values, and a token pasted into
+        # ``token_env`` by mistake must not reach a log through the traceback.
+        raise ConfigError("rest config: " + "; ".join(problems)) from None

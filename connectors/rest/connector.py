@@ -1,0 +1,280 @@
+"""The declarative ``rest`` connector: any paginated JSON API, configured per company."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec
+from connectors.rest.config import (
+    BearerAuth,
+    DailyPartitions,
+    HeaderAuth,
+    NonePartitions,
+    ParamValue,
+    ResourceConfig,
+    RestConfig,
+    parse_config,
+    uses_placeholder,
+)
+from connectors.rest.http import HttpClient, body_excerpt
+from connectors.rest.paginators import MISSING, Page, Paginator, lookup, make_paginator
+from connectors.transforms import POLICIES
+from pipeline.errors import ConfigError, ConnectorError, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+
+class EnvAuth(httpx.Auth):
+    """Sets one header from an environment variable, read when each request is sent.
+
+    The secret is never stored on this object, so no repr, log line or error message built
+    from it can contain the value.
+    """
+
+    def __init__(self, header: str, env_var: str, *, prefix: str = "", environ: Mapping[str, str]) -> None:
+        self.header = header
+        self.env_var = env_var
+        self.prefix = prefix
+        self._environ = environ
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        value = self._environ.get(self.env_var)
+        if not value:
+            raise ConfigError(f"rest config: auth: environment variable {self.env_var} is not set or empty")
+        request.headers[self.header] = self.prefix + value
+        yield request
+
+    def __repr__(self) -> str:
+        return f"EnvAuth(header={self.header!r}, env_var={self.env_var!r})"
+
+
+def _make_auth(config: RestConfig, environ: Mapping[str, str]) -> EnvAuth | None:
+    if isinstance(config.auth, BearerAuth):
+        return EnvAuth("Authorization", config.auth.token_env, prefix="Bearer ", environ=environ)
+    if isinstance(config.auth, HeaderAuth):
+        return EnvAuth(config.auth.name, config.auth.value_env, environ=environ)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Resource:
+    spec: ResourceSpec
+    config: ResourceConfig
+    paginator: Paginator
+
+
+class RestConnector:
+    """A connector built from one company's ``rest`` config (see ``connectors.rest.config``).
+
+    Parameters:
+        config: the company's connector config.
+        limiter: spaces requests to ``base_url`` when ``rate_limit`` is configured.
+        environ: where the secrets named in ``auth`` are read, when each request is sent
+            (default ``os.environ``).
+        on_response: called with the status of every upstream response (for metrics).
+
+    Raises:
+        ConfigError: an invalid config, naming the key path.
+    """
+
+    name = "rest"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        limiter: RateLimiter | None = None,
+        environ: Mapping[str, str] | None = None,
+        on_response: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = parse_config(config)
+        self._resources: dict[str, _Resource] = {}
+        for name, resource in self.config.resources.items():
+            if isinstance(resource.partitions, NonePartitions):
+                self._reject_partition_placeholder(name, resource)
+            spec = ResourceSpec(
+                name=name,
+                primary_key=resource.primary_key,
+                transform=resource.transform,
+                policy=POLICIES[resource.transform],
+                incremental_field=resource.incremental.field if resource.incremental else None,
+            )
+            paginator = make_paginator(
+                resource.paginator, primary_key=resource.primary_key, base_url=self.config.base_url
+            )
+            self._resources[name] = _Resource(spec, resource, paginator)
+        rate_limit = self.config.rate_limit
+        self._http = HttpClient(
+            self.config.base_url,
+            timeout_s=self.config.timeout_s,
+            retry=self.config.retry,
+            auth=_make_auth(self.config, os.environ if environ is None else environ),
+            limiter=limiter,
+            requests_per_second=rate_limit.requests_per_second if rate_limit else None,
+            on_response=on_response,
+        )
+
+    @staticmethod
+    def _reject_partition_placeholder(name: str, resource: ResourceConfig) -> None:
+        templates = {"path": resource.path} | {
+            f"params.{key}": value for key, value in resource.params.items() if isinstance(value, str)
+        }
+        for key, template in templates.items():
+            if uses_placeholder(template, "partition"):
+                raise ConfigError(
+                    f"rest config: resources.{name}.{key}: uses {{partition}} but partitions.type is 'none'"
+                )
+
+    def resources(self) -> Sequence[ResourceSpec]:
+        return [resource.spec for resource in self._resources.values()]
+
+    def _resource(self, name: str) -> _Resource:
+        try:
+            return self._resources[name]
+        except KeyError:
+            offered = ", ".join(self._resources)
+            raise ConnectorError(f"connector 'rest' has no resource {name!r} (offers: {offered})") from None
+
+    def partitions(self, resource: str, today: date) -> list[str]:
+        """``["all"]`` for ``none``; for ``daily``, ISO dates from ``today - days_back`` to
+        ``today + days_ahead - 1`` (``days_ahead`` counts today)."""
+        partitions = self._resource(resource).config.partitions
+        if isinstance(partitions, DailyPartitions):
+            first = today - timedelta(days=partitions.days_back)
+            days = partitions.days_back + partitions.days_ahead
+            return [(first + timedelta(days=offset)).isoformat() for offset in range(days)]
+        return ["all"]
+
+    def fetch(self, request: FetchRequest) -> Chunk:
+        """Fetch up to ``pages_per_chunk`` pages of one partition, resuming from ``request.state``.
+
+        Stops early, after at least one page, when another page of the slowest duration seen
+        so far would end past ``request.deadline``. With ``request.since`` and an
+        ``incremental`` config, ``incremental.param=since`` is sent with every page.
+
+        A retryable failure after at least one page of this chunk ends the chunk early instead
+        of raising, so the pages already read are kept; if it persists, the next call raises.
+
+        Raises:
+            UpstreamError: ``retryable=False`` for a malformed page (naming what is wrong), an
+                envelope reporting failure (with the upstream's message), a 4xx; ``retryable=True``
+                when retries of the first page ran out.
+            ConfigError: a secret's environment variable is unset, or ``{external_id}`` is used
+                and the company has none.
+        """
+        resource = self._resource(request.resource)
+        state = dict(request.state) if request.state is not None else resource.paginator.initial_state()
+        url, params = self._render(resource.config, request)
+        records: list[Record] = []
+        sent_before = self._http.requests_sent
+        slowest = 0.0
+        done = False
+        for page_number in range(self.config.pages_per_chunk):
+            if page_number and request.deadline is not None and time.monotonic() + slowest > request.deadline:
+                break
+            page_url, page_params = resource.paginator.update_request(state, dict(params), url)
+            started = time.monotonic()
+            try:
+                response = self._http.get(page_url, params=page_params, deadline=request.deadline)
+            except UpstreamError as exc:
+                if exc.retryable and page_number:
+                    logger.warning(
+                        "%s/%s: ending the chunk after %d pages: %s",
+                        resource.spec.name,
+                        request.partition,
+                        page_number,
+                        exc,
+                    )
+                    break
+                raise
+            slowest = max(slowest, time.monotonic() - started)
+            try:
+                body = self._decode(response)
+                page_records = self._read_records(resource.config, body)
+                state, more = resource.paginator.update_state(state, Page(response, body, page_records))
+            except UpstreamError as exc:
+                where = f"resource {resource.spec.name!r}, partition {request.partition!r}"
+                raise UpstreamError(
+                    f"{where}, GET {response.request.url.path}: {exc}",
+                    retryable=False,
+                    status=response.status_code,
+                ) from exc
+            records.extend(page_records)
+            if not more:
+                done = True
+                break
+        return Chunk(records=records, state=state, done=done, requests=self._http.requests_sent - sent_before)
+
+    def _render(self, resource: ResourceConfig, request: FetchRequest) -> tuple[str, dict[str, ParamValue]]:
+        values = {"partition": request.partition, "external_id": request.external_id}
+
+        def render(template: str, *, in_path: bool) -> str:
+            for name, value in values.items():
+                if value is None and uses_placeholder(template, name):
+                    raise ConfigError(
+                        f"resource {request.resource!r} uses {{{name}}} but the company has none"
+                    )
+            quoted = {k: quote(v, safe="") if in_path else v for k, v in values.items() if v is not None}
+            return template.format(**quoted)
+
+        url = self.config.base_url + render(resource.path, in_path=True)
+        params: dict[str, ParamValue] = {
+            key: render(value, in_path=False) if isinstance(value, str) else value
+            for key, value in resource.params.items()
+        }
+        if request.since is not None and resource.incremental is not None:
+            params[resource.incremental.param] = request.since
+        return url, params
+
+    @staticmethod
+    def _decode(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            content_type = response.headers.get("Content-Type", "no Content-Type")
+            raise UpstreamError(
+                f"the response is not JSON ({content_type}): {body_excerpt(response)}"
+            ) from None
+
+    @staticmethod
+    def _read_records(resource: ResourceConfig, body: Any) -> list[Record]:
+        envelope = resource.envelope
+        if envelope is not None:
+            success = lookup(body, envelope.success)
+            if success is MISSING:
+                raise UpstreamError(f"envelope key {envelope.success!r} is missing from the response")
+            if success is not True:
+                message = lookup(body, envelope.message) if envelope.message else MISSING
+                detail = "no message" if message is MISSING or message is None else str(message)[:1000]
+                raise UpstreamError(
+                    f"the upstream reported failure ({envelope.success}={success!r}): {detail}"
+                )
+        if resource.records is None:
+            records, where = body, "the response body"
+        else:
+            records, where = lookup(body, resource.records), f"records path {resource.records!r}"
+            if records is MISSING:
+                raise UpstreamError(f"{where} is missing from the response")
+        if not isinstance(records, list):
+            kind = "null" if records is None else type(records).__name__
+            raise UpstreamError(f"{where} is {kind}, expected a list of records")
+        for index, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise UpstreamError(
+                    f"record #{index} in {where} is {type(record).__name__}, expected an object"
+                )
+            if record.get(resource.primary_key) is None:
+                raise UpstreamError(f"record #{index} in {where} has no primary key {resource.primary_key!r}")
+        return records
+
+    def close(self) -> None:
+        self._http.close()

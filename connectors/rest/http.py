@@ -1,0 +1,186 @@
+"""HTTP for the REST connector: timeouts, retries with backoff, ``Retry-After`` and a shared rate limit.
+
+Retries are a short loop rather than a retry library: the wait honours ``Retry-After``, the stop
+depends on the caller's deadline and the decision depends on the response status, so every part
+of a generic retrier would have been replaced.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from connectors.base import RateLimiter
+from connectors.rest.config import ParamValue, RetryConfig
+from pipeline.errors import UpstreamError
+
+EXCERPT_CHARS = 200
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date); ``None`` if unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def body_excerpt(response: httpx.Response) -> str:
+    """At most ``EXCERPT_CHARS`` characters of the body, whitespace collapsed, for error messages."""
+    try:
+        text = response.text
+    except (UnicodeDecodeError, LookupError, httpx.HTTPError):
+        return "<unreadable body>"
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+class HttpClient:
+    """GET requests to one upstream with retries, backoff and a rate limit.
+
+    Parameters:
+        base_url: the upstream; also the rate limiter's key, so every company on one upstream
+            shares its limit.
+        timeout_s: connect, read, write and pool timeout of each request.
+        retry: attempts and waits (see ``RetryConfig``).
+        auth: adds credentials to each request (``connectors.rest.connector.EnvAuth``).
+        limiter: spaces requests across processes; used only with ``requests_per_second``.
+        on_response: called with the status of every response received (retries included),
+            e.g. to count requests per status in metrics.
+
+    ``requests_sent`` counts every request sent, retries included.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        retry: RetryConfig,
+        auth: httpx.Auth | None = None,
+        limiter: RateLimiter | None = None,
+        requests_per_second: float | None = None,
+        on_response: Callable[[int], None] | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.retry = retry
+        self.limiter = limiter
+        self.requests_per_second = requests_per_second
+        self.on_response = on_response
+        self.requests_sent = 0
+        self._random = random.Random()
+        # Redirects are not followed: a cross-origin redirect would carry custom auth headers along.
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout_s),
+            auth=auth,
+            follow_redirects=False,
+            headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
+        )
+
+    def backoff(self, retry_number: int) -> float:
+        """Exponential backoff with full jitter for the ``retry_number``-th retry (1-based)."""
+        ceiling = min(self.retry.max_backoff_s, self.retry.backoff_s * 2 ** (retry_number - 1))
+        return self._random.uniform(0, ceiling)
+
+    def get(
+        self, url: str, *, params: Mapping[str, ParamValue] | None = None, deadline: float | None = None
+    ) -> httpx.Response:
+        """GET ``url``, retrying connection errors, timeouts, 429 and 5xx.
+
+        Parameters:
+            deadline: a ``time.monotonic()`` value no retry wait may run past.
+
+        Returns:
+            A 2xx response.
+
+        Raises:
+            UpstreamError: ``retryable=False`` with the status and a body excerpt for any other
+                4xx or a redirect; ``retryable=True`` (with the last status, if any) once the
+                attempts, the total wait or the deadline are used up.
+        """
+        path = httpx.URL(url).path
+        waited = 0.0
+        attempts = 0
+        while True:
+            attempts += 1
+            if self.limiter is not None and self.requests_per_second:
+                self.limiter.acquire(self.base_url, self.requests_per_second)
+            self.requests_sent += 1
+            status: int | None = None
+            retry_after: float | None = None
+            try:
+                response = self._client.get(url, params=dict(params or {}))
+            except httpx.TransportError as exc:
+                failure: Exception | None = exc
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+            else:
+                failure = None
+                status = response.status_code
+                if self.on_response is not None:
+                    self.on_response(status)
+                if status < 300:
+                    return response
+                if not _retryable_status(status):
+                    raise UpstreamError(self._describe(response), retryable=False, status=status)
+                problem = f"HTTP {status}: {body_excerpt(response)}"
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+
+            if attempts >= self.retry.max_attempts:
+                raise UpstreamError(
+                    f"GET {path}: {problem} (gave up after {attempts} attempts)",
+                    retryable=True,
+                    status=status,
+                ) from failure
+            delay = retry_after if retry_after is not None else self.backoff(attempts)
+            over_deadline = deadline is not None and time.monotonic() + delay > deadline
+            if over_deadline or waited + delay > self.retry.max_wait_s:
+                limit = (
+                    "the time budget" if over_deadline else f"retry.max_wait_s ({self.retry.max_wait_s:g}s)"
+                )
+                source = "Retry-After" if retry_after is not None else "backoff"
+                raise UpstreamError(
+                    f"GET {path}: {problem} (gave up after {attempts} attempts: "
+                    f"waiting {delay:.1f}s more ({source}) would exceed {limit})",
+                    retryable=True,
+                    status=status,
+                ) from failure
+            time.sleep(delay)
+            waited += delay
+
+    @staticmethod
+    def _describe(response: httpx.Response) -> str:
+        path = response.request.url.path
+        if 300 <= response.status_code < 400:
+            location = response.headers.get("Location", "?")
+            return (
+                f"GET {path}: HTTP {response.status_code} redirect to {location} (redirects are not followed)"
+            )
+        return f"GET {path}: HTTP {response.status_code}: {body_excerpt(response)}"
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()

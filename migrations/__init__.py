@@ -1,0 +1,1 @@
+"""Alembic environment and versions; run them with :mod:`pipeline.migrate` or ``pipeline migrate``."""

@@ -1,0 +1,96 @@
+"""The FastAPI application: ``create_app(runtime)`` for tests and embedding, and
+``create_app_from_env()`` for ``uvicorn --factory`` (what ``pipeline serve`` runs).
+
+Without a usable ``PIPELINE_JWT_SECRET`` (unset or shorter than 32 bytes) the app refuses to
+start: ``create_app`` raises ``ConfigError`` naming the variable, so a misconfigured server never
+listens rather than answering every request with an error.
+
+More routers (the control API) join with ``app.include_router``; they reach the runtime and the
+caches through ``pipeline.api.deps.State`` (``app.state.api``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from pipeline.api import read
+from pipeline.api.deps import ApiState
+from pipeline.api.errors import install_error_handlers
+from pipeline.runtime import Runtime
+from pipeline.settings import load_settings
+
+FACTORY = "pipeline.api.app:create_app_from_env"
+"""The import string uvicorn needs to start the app in worker processes."""
+
+
+def create_app(
+    runtime: Runtime,
+    *,
+    close_runtime: bool = False,
+    object_cache_bytes: int = 256 * 1024 * 1024,
+    body_cache_bytes: int = 64 * 1024 * 1024,
+    metadata_ttl_s: float = 1.0,
+) -> FastAPI:
+    """Build the API around ``runtime``.
+
+    Parameters:
+        runtime: settings, engine and blob store.
+        close_runtime: close ``runtime`` when the app shuts down (when the app owns it).
+        object_cache_bytes: memory for verified object bytes (LRU by checksum).
+        body_cache_bytes: memory for filtered bodies (LRU by checksum and view).
+        metadata_ttl_s: how long company and dataset rows are reused (toggle changes show
+            within this plus one round trip); at most 2 s.
+
+    Raises:
+        ConfigError: no usable ``PIPELINE_JWT_SECRET``.
+
+    Returns:
+        The application; ``app.state.api`` is its ``ApiState``.
+    """
+    if not 0 <= metadata_ttl_s <= 2:
+        raise ValueError(f"metadata_ttl_s must be within [0, 2] s, got {metadata_ttl_s}")
+    state = ApiState(
+        runtime,
+        object_cache_bytes=object_cache_bytes,
+        body_cache_bytes=body_cache_bytes,
+        metadata_ttl_s=metadata_ttl_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close_runtime:
+                runtime.close()
+
+    app = FastAPI(
+        title="sync-pipeline",
+        summary="Published documents, filtered by role and feature toggles, isolated per company",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.api = state
+    install_error_handlers(app)
+    app.include_router(read.router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The ``uvicorn --factory`` entry point: settings from ``PIPELINE_*``, a runtime the app owns.
+
+    Raises:
+        ConfigError: invalid settings or no usable JWT secret.
+    """
+    settings = load_settings()
+    logging.getLogger("pipeline").setLevel(settings.log_level)
+    runtime = Runtime.from_settings(settings)
+    try:
+        return create_app(runtime, close_runtime=True)
+    except BaseException:
+        runtime.close()
+        raise

@@ -1,0 +1,310 @@
+"""The API's per-app state (runtime and caches) and its FastAPI dependencies.
+
+Everything the routers need hangs off one ``ApiState`` at ``app.state.api``; routers reach it
+through the ``Annotated`` aliases below (``State``, ``CurrentPrincipal``), never via globals.
+
+Metadata (company rows with their toggles and connector resources, dataset rows, listings) is
+cached per process for ``metadata_ttl_s`` (default 1 s), so a toggle change or a newly
+published version is visible within that time plus one database round trip. Concurrent misses
+for one key share a single load. Object bytes live in a size-bounded LRU keyed by checksum
+(``storage.cache``), and filtered bodies in another keyed by (checksum, view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+import orjson
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from connectors import registry
+from connectors.base import ResourceSpec
+from connectors.policy import FieldPolicy
+from pipeline.auth import Principal, TokenVerifier
+from pipeline.errors import AuthError, PipelineError
+from pipeline.models import Company, Dataset
+from pipeline.policies import FULL_VIEW, apply_policy
+from pipeline.runtime import Runtime
+from storage.cache import ByteCache, read_verified
+
+log = logging.getLogger("pipeline.api")
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+MAX_PARTITION_LENGTH = 200  # datasets.partition_key is VARCHAR(200)
+
+
+class TTLCache(Generic[K, V]):
+    """A bounded map whose entries expire ``ttl_s`` after they were stored.
+
+    ``get_or_load`` is called on the event loop: concurrent misses for one key await a single
+    load, which runs in the threadpool because loads block (database, store).
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[K, asyncio.Future[V]] = {}
+
+    def lookup(self, key: K) -> tuple[bool, V | None]:
+        """Return ``(True, value)`` for a fresh entry, ``(False, None)`` otherwise."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False, None
+            expires, value = entry
+            if time.monotonic() >= expires:
+                del self._entries[key]
+                return False, None
+            return True, value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (time.monotonic() + self.ttl_s, value)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    async def get_or_load(self, key: K, load: Callable[[], V]) -> V:
+        hit, value = self.lookup(key)
+        if hit:
+            return value  # type: ignore[return-value]
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key, load))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        # Shielded: a caller that disconnects must not cancel the load others wait for.
+        return await asyncio.shield(pending)
+
+    async def _load(self, key: K, load: Callable[[], V]) -> V:
+        value = await run_in_threadpool(load)
+        self.put(key, value)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyView:
+    """What the read path needs of a company: its toggles and the resources it offers."""
+
+    id: int
+    toggles: Mapping[str, Any]
+    resources: Mapping[str, ResourceSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetView:
+    """A published partition: where its bytes are and what they hash to."""
+
+    partition: str
+    storage_key: str
+    checksum: str
+    size_bytes: int
+    record_count: int
+    synced_at: datetime
+    changed_at: datetime
+
+
+class ApiState:
+    """The runtime plus every cache the API keeps, shared by all routers of one app.
+
+    Parameters:
+        runtime: settings, engine and blob store (owned by the caller).
+        object_cache_bytes: budget of the verified-bytes cache.
+        body_cache_bytes: budget of the filtered-body cache.
+        metadata_ttl_s: how long company and dataset rows are reused.
+        metadata_entries: bound on each metadata cache.
+
+    Raises:
+        ConfigError: no usable ``PIPELINE_JWT_SECRET`` (the API refuses to start).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        object_cache_bytes: int = 256 * 1024 * 1024,
+        body_cache_bytes: int = 64 * 1024 * 1024,
+        metadata_ttl_s: float = 1.0,
+        metadata_entries: int = 50_000,
+    ) -> None:
+        self.runtime = runtime
+        self.verifier = TokenVerifier(runtime.settings)
+        self.objects = ByteCache(object_cache_bytes)
+        self.bodies = ByteCache(body_cache_bytes)
+        self.companies: TTLCache[int, CompanyView | None] = TTLCache(metadata_ttl_s, metadata_entries)
+        self.datasets: TTLCache[tuple[int, str, str], DatasetView | None] = TTLCache(
+            metadata_ttl_s, metadata_entries
+        )
+        self.listings: TTLCache[tuple[int, str], tuple[DatasetView, ...]] = TTLCache(
+            metadata_ttl_s, metadata_entries
+        )
+
+    async def company(self, company_id: int) -> CompanyView | None:
+        return await self.companies.get_or_load(company_id, lambda: self._load_company(company_id))
+
+    async def dataset(self, company_id: int, resource: str, partition: str) -> DatasetView | None:
+        if len(partition) > MAX_PARTITION_LENGTH or "\x00" in partition:
+            return None  # cannot exist; PostgreSQL would reject a NUL in a text parameter
+        key = (company_id, resource, partition)
+        return await self.datasets.get_or_load(key, lambda: self._load_dataset(*key))
+
+    async def listing(self, company_id: int, resource: str) -> tuple[DatasetView, ...]:
+        key = (company_id, resource)
+        return await self.listings.get_or_load(key, lambda: self._load_listing(*key))
+
+    def render(
+        self,
+        dataset: DatasetView,
+        policy: FieldPolicy,
+        principal: Principal,
+        toggles: Mapping[str, Any],
+        view: str,
+    ) -> bytes:
+        """The response body of ``dataset`` for ``view`` (blocking: may read the store).
+
+        Raises:
+            ChecksumMismatch: the stored bytes are not what the dataset row recorded.
+        """
+        raw = read_verified(self.runtime.store, dataset.storage_key, dataset.checksum, self.objects)
+        if view == FULL_VIEW:
+            return raw
+        cache_key = f"{dataset.checksum}:{view}"
+        body = self.bodies.get(cache_key)
+        if body is None:
+            document = orjson.loads(raw)
+            filtered = apply_policy(
+                document, policy, role=principal.role, employee_id=principal.employee_id, toggles=toggles
+            )
+            body = orjson.dumps(filtered)
+            self.bodies.put(cache_key, body)
+        return body
+
+    def cached_body(self, dataset: DatasetView, view: str) -> bytes | None:
+        """The body for ``view`` if it is in memory (no blocking work), else ``None``."""
+        if view == FULL_VIEW:
+            return self.objects.get(dataset.checksum)
+        return self.bodies.get(f"{dataset.checksum}:{view}")
+
+    def _load_company(self, company_id: int) -> CompanyView | None:
+        with self.runtime.engine.connect() as connection:
+            row = connection.execute(
+                select(
+                    Company.id, Company.connector, Company.connector_config, Company.feature_toggles
+                ).where(Company.id == company_id)
+            ).first()
+        if row is None:
+            return None
+        resources: dict[str, ResourceSpec] = {}
+        try:
+            connector = registry.build(row.connector, row.connector_config or {})
+            try:
+                resources = {spec.name: spec for spec in connector.resources()}
+            finally:
+                connector.close()
+        except PipelineError as exc:
+            # The company's data stays unreadable (404) until its config is fixed; say why.
+            log.warning(
+                "company %s: connector %r unusable, no resources served: %s", row.id, row.connector, exc
+            )
+        toggles = row.feature_toggles if isinstance(row.feature_toggles, dict) else {}
+        return CompanyView(id=row.id, toggles=toggles, resources=resources)
+
+    def _load_dataset(self, company_id: int, resource: str, partition: str) -> DatasetView | None:
+        with self.runtime.engine.connect() as connection:
+            row = connection.execute(
+                _dataset_columns().where(
+                    Dataset.company_id == company_id,
+                    Dataset.resource == resource,
+                    Dataset.partition_key == partition,
+                )
+            ).first()
+        return None if row is None else _dataset_view(row)
+
+    def _load_listing(self, company_id: int, resource: str) -> tuple[DatasetView, ...]:
+        with self.runtime.engine.connect() as connection:
+            rows = connection.execute(
+                _dataset_columns()
+                .where(Dataset.company_id == company_id, Dataset.resource == resource)
+                .order_by(Dataset.partition_key)
+            ).all()
+        return tuple(_dataset_view(row) for row in rows)
+
+
+def _dataset_columns() -> Any:
+    return select(
+        Dataset.partition_key,
+        Dataset.storage_key,
+        Dataset.checksum_sha256,
+        Dataset.size_bytes,
+        Dataset.record_count,
+        Dataset.synced_at,
+        Dataset.changed_at,
+    )
+
+
+def _dataset_view(row: Any) -> DatasetView:
+    return DatasetView(
+        partition=row.partition_key,
+        storage_key=row.storage_key,
+        checksum=row.checksum_sha256,
+        size_bytes=row.size_bytes,
+        record_count=row.record_count,
+        synced_at=row.synced_at,
+        changed_at=row.changed_at,
+    )
+
+
+async def get_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.api
+    return state
+
+
+State = Annotated[ApiState, Depends(get_state)]
+
+bearer_scheme = HTTPBearer(auto_error=False, description="A JWT from `pipeline token`.")
+
+
+async def current_principal(
+    request: Request,
+    state: State,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """The verified caller. Raises ``AuthError`` (answered 401) for any token problem."""
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise AuthError("the Authorization header must be 'Bearer <token>'")
+        raise AuthError("missing bearer token")
+    return state.verifier(credentials.credentials)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+__all__ = [
+    "ApiState",
+    "CompanyView",
+    "CurrentPrincipal",
+    "DatasetView",
+    "State",
+    "TTLCache",
+    "current_principal",
+    "get_state",
+]

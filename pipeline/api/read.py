@@ -1,0 +1,202 @@
+"""The read API: a company's published documents, filtered for the caller.
+
+Endpoints are ``async`` and answer from memory when they can; whatever blocks (database,
+blob store, filtering a document the first time) runs in the threadpool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header
+from pydantic import BaseModel
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from connectors.base import ResourceSpec
+from pipeline.api.deps import ApiState, CompanyView, CurrentPrincipal, DatasetView, State
+from pipeline.api.errors import ERROR_RESPONSES, ErrorBody
+from pipeline.auth import Principal
+from pipeline.errors import NotFound
+from pipeline.policies import FULL_VIEW, view_key
+
+CACHE_CONTROL = "private, max-age=300"
+
+log = logging.getLogger("pipeline.api")
+
+router = APIRouter()
+
+
+class PartitionInfo(BaseModel):
+    partition: str
+    record_count: int
+    synced_at: datetime
+    changed_at: datetime
+    checksum: str
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str]
+    caches: dict[str, dict[str, int]] = {}
+
+
+def etag_for(checksum: str, view: str) -> str:
+    """A strong, quoted ETag naming the bytes and the caller's view of them."""
+    return '"' + hashlib.sha256(f"{checksum}:{view}".encode()).hexdigest()[:32] + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of ``If-None-Match`` against our ETag."""
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*":
+            return True
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate == etag:
+            return True
+    return False
+
+
+async def _resource(state: ApiState, principal: Principal, resource: str) -> tuple[CompanyView, ResourceSpec]:
+    company = await state.company(principal.company_id)
+    spec = None if company is None else company.resources.get(resource)
+    if company is None or spec is None:
+        raise NotFound(resource)
+    return company, spec
+
+
+@router.get(
+    "/v1/{resource}",
+    response_model=list[PartitionInfo],
+    responses=ERROR_RESPONSES,
+    summary="List the caller's company's published partitions of a resource",
+)
+async def list_partitions(resource: str, principal: CurrentPrincipal, state: State) -> Response:
+    company, spec = await _resource(state, principal, resource)
+    datasets = await state.listing(company.id, resource)
+    view = view_key(spec.policy, principal.role, principal.employee_id, company.toggles)
+    counts = [dataset.record_count for dataset in datasets]
+    if view != FULL_VIEW and spec.policy.rows is not None and datasets:
+        # The count a technician gets is that of their view, as in the document's own counts.
+        counts = await run_in_threadpool(_view_counts, state, datasets, spec, principal, company, view)
+    body = orjson.dumps(
+        [
+            {
+                "partition": dataset.partition,
+                "record_count": count,
+                "synced_at": dataset.synced_at,
+                "changed_at": dataset.changed_at,
+                "checksum": dataset.checksum,
+            }
+            for dataset, count in zip(datasets, counts, strict=True)
+        ]
+    )
+    return Response(body, media_type="application/json", headers={"Cache-Control": "private, no-cache"})
+
+
+def _view_counts(
+    state: ApiState,
+    datasets: tuple[DatasetView, ...],
+    spec: ResourceSpec,
+    principal: Principal,
+    company: CompanyView,
+    view: str,
+) -> list[int]:
+    counts = []
+    for dataset in datasets:
+        body = state.render(dataset, spec.policy, principal, company.toggles, view)
+        rows = orjson.loads(body).get(spec.policy.rows)
+        counts.append(len(rows) if isinstance(rows, list) else 0)
+    return counts
+
+
+_DOCUMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The document, with the fields the caller may not see absent",
+        "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}},
+        "headers": {
+            "ETag": {
+                "schema": {"type": "string"},
+                "description": "Changes with the data or the caller's view",
+            },
+            "Cache-Control": {"schema": {"type": "string"}},
+        },
+    },
+    304: {"description": "Not modified: the If-None-Match ETag is current"},
+    **ERROR_RESPONSES,
+}
+
+
+@router.get(
+    "/v1/{resource}/{partition}",
+    response_class=Response,
+    responses=_DOCUMENT_RESPONSES,
+    summary="Read one partition's document, filtered by the caller's role and the company's toggles",
+)
+async def read_partition(
+    resource: str,
+    partition: str,
+    principal: CurrentPrincipal,
+    state: State,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    company, spec = await _resource(state, principal, resource)
+    dataset = await state.dataset(company.id, resource, partition)
+    if dataset is None:
+        raise NotFound(f"{resource}/{partition}")
+    view = view_key(spec.policy, principal.role, principal.employee_id, company.toggles)
+    headers = {"ETag": etag_for(dataset.checksum, view), "Cache-Control": CACHE_CONTROL}
+    if etag_matches(if_none_match, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    body = state.cached_body(dataset, view)
+    if body is None:
+        body = await run_in_threadpool(state.render, dataset, spec.policy, principal, company.toggles, view)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": ErrorBody, "description": "The database or the blob store is unreachable"}},
+    summary="Check the database and the blob store",
+)
+def healthz(state: State) -> Response:
+    checks: dict[str, str] = {}
+    try:
+        with state.runtime.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        log.error("health check: database unreachable: %s", exc)
+        checks["database"] = f"unreachable ({type(exc).__name__})"
+    try:
+        state.runtime.store.ping()
+        checks["store"] = "ok"
+    except Exception as exc:
+        log.error("health check: blob store unreachable: %s", exc)
+        checks["store"] = f"unreachable ({type(exc).__name__})"
+    failing = [name for name, result in checks.items() if result != "ok"]
+    if failing:
+        message = "unhealthy: " + ", ".join(failing) + " unreachable"
+        payload = {
+            "error": {"code": "unavailable", "message": message},
+            "status": "unavailable",
+            "checks": checks,
+        }
+        return Response(orjson.dumps(payload), status_code=503, media_type="application/json")
+    caches = {
+        name: {"entries": s.entries, "size_bytes": s.size_bytes, "hits": s.hits, "misses": s.misses}
+        for name, s in (("objects", state.objects.stats()), ("bodies", state.bodies.stats()))
+    }
+    return Response(
+        orjson.dumps({"status": "ok", "checks": checks, "caches": caches}), media_type="application/json"
+    )

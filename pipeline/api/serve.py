@@ -1,0 +1,71 @@
+"""Run the API under uvicorn: what ``pipeline serve`` calls."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import uvicorn
+
+from pipeline.api.app import FACTORY
+from pipeline.auth import jwt_secret
+from pipeline.settings import Settings
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``settings`` as ``PIPELINE_*`` variables, so that worker processes rebuild the same settings."""
+    environment = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            environment[f"PIPELINE_{name.upper()}"] = str(value)
+    return environment
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging config with the ``pipeline`` loggers added at ``level``."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["pipeline"] = {"handlers": ["default"], "level": level, "propagate": False}
+    config["loggers"]["uvicorn"]["level"] = level
+    return config
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    access_log: bool = False,
+) -> None:
+    """Serve the API until interrupted.
+
+    Workers are separate processes started from the import string ``FACTORY``; each builds its
+    own runtime from the environment, which is why ``settings`` is exported to ``PIPELINE_*``
+    variables first (this is the process edge, so writing the environment is fine here).
+
+    Parameters:
+        settings: the validated settings (log level, database, blob store, JWT secret).
+        host: interface to bind.
+        port: TCP port.
+        workers: worker processes; one per core is a good start.
+        access_log: log one line per request (off by default: it costs throughput).
+
+    Raises:
+        ConfigError: no usable JWT secret (checked before any worker starts).
+    """
+    jwt_secret(settings)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    os.environ.update(settings_environment(settings))
+    uvicorn.run(
+        FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level),
+        access_log=access_log,
+        server_header=False,
+    )

@@ -1,0 +1,103 @@
+"""Cleanup: old jobs, staging leftovers, and object versions no dataset references.
+
+Garbage collection never deletes the current version of a dataset: it decides and deletes
+under the same per-partition lock the publisher commits under (``pipeline.datasets``), and
+the publisher re-checks that its object exists under that lock before committing the pointer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, delete, select
+
+from pipeline.datasets import STAGING_PREFIX, lock_partition
+from pipeline.models import FINISHED, Dataset, SyncJob, SyncTask, utcnow
+from storage.base import BlobStore
+
+logger = logging.getLogger(__name__)
+DATASETS = Dataset.__table__
+TASKS = SyncTask.__table__
+JOBS = SyncJob.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupReport:
+    jobs_deleted: int = 0
+    staging_deleted: int = 0
+    versions_deleted: int = 0
+
+
+def delete_old_jobs(engine: Engine, *, retention_days: int, now: datetime | None = None) -> int:
+    """Delete finished jobs older than the retention; tasks and logs cascade."""
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    with engine.begin() as conn:
+        result = conn.execute(
+            delete(JOBS).where(JOBS.c.status.in_(FINISHED), JOBS.c.created_at < cutoff)
+        )
+    return int(result.rowcount or 0)
+
+
+def remove_finished_staging(engine: Engine, store: BlobStore) -> int:
+    """Delete staging parts of tasks that are finished or no longer exist."""
+    task_ids: set[int] = set()
+    keys_by_task: dict[int, list[str]] = {}
+    for info in store.list(f"{STAGING_PREFIX}/"):
+        part = info.key.split("/")
+        if len(part) < 3 or not part[1].isdigit():
+            continue
+        task_id = int(part[1])
+        task_ids.add(task_id)
+        keys_by_task.setdefault(task_id, []).append(info.key)
+    if not task_ids:
+        return 0
+    with engine.connect() as conn:
+        live = set(conn.execute(
+            select(TASKS.c.id).where(TASKS.c.id.in_(task_ids), TASKS.c.status.in_(("pending", "processing")))
+        ).scalars())
+    removed = 0
+    for task_id in sorted(task_ids - live):
+        for key in keys_by_task[task_id]:
+            store.delete(key)
+            removed += 1
+    return removed
+
+
+def collect_garbage(engine: Engine, store: BlobStore, *, grace_s: float, now: datetime | None = None) -> int:
+    """Delete object versions that no dataset references and that are older than the grace period."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=grace_s)
+    with engine.connect() as conn:
+        referenced = set(conn.execute(select(DATASETS.c.storage_key)).scalars())
+    deleted = 0
+    for info in store.list():
+        if info.key.startswith(f"{STAGING_PREFIX}/") or info.key in referenced:
+            continue
+        parts = info.key.split("/")
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[3].endswith(".json"):
+            continue  # not ours
+        if info.last_modified > cutoff:
+            continue
+        company_id, resource, partition = int(parts[0]), parts[1], parts[2]
+        with engine.begin() as conn:
+            lock_partition(conn, company_id, resource, partition)
+            still_referenced = conn.execute(
+                select(DATASETS.c.id).where(DATASETS.c.storage_key == info.key)
+            ).first()
+            fresh = store.stat(info.key)
+            if still_referenced is None and fresh is not None and fresh.last_modified <= cutoff:
+                store.delete(info.key)
+                deleted += 1
+    if deleted:
+        logger.info("garbage collection deleted %s unreferenced object version(s)", deleted)
+    return deleted
+
+
+def cleanup(engine: Engine, store: BlobStore, *, retention_days: int, grace_s: float) -> CleanupReport:
+    return CleanupReport(
+        jobs_deleted=delete_old_jobs(engine, retention_days=retention_days),
+        staging_deleted=remove_finished_staging(engine, store),
+        versions_deleted=collect_garbage(engine, store, grace_s=grace_s),
+    )

@@ -1,0 +1,383 @@
+"""The ``pipeline`` command line (Typer). The edge: settings are read here, once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.errors import PipelineError
+from pipeline.progress import JobProgress
+from pipeline.runtime import Runtime
+from pipeline.settings import Settings, load_settings
+
+app = typer.Typer(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+company_app = typer.Typer(help="Manage companies (tenants).", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect sync jobs.", no_args_is_help=True)
+app.add_typer(company_app, name="company")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn our errors into one readable line and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except PipelineError as exc:
+        raise fail(str(exc)) from None
+
+
+def settings() -> Settings:
+    with errors_to_exit():
+        return load_settings()
+
+
+@contextmanager
+def runtime() -> Iterator[Runtime]:
+    with errors_to_exit():
+        rt = Runtime.from_settings(load_settings())
+    try:
+        with errors_to_exit():
+            yield rt
+    finally:
+        rt.close()
+
+
+def parse_json(value: str, what: str) -> Any:
+    """Parse JSON given inline or as ``@path``; a clear error names what was bad."""
+    text = value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise fail(f"cannot read {what} file {path}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the latest version (safe to run twice)."""
+    from pipeline.migrate import upgrade
+
+    s = settings()
+    with errors_to_exit():
+        upgrade(s.database_url)
+    err.print("database is at the latest schema version")
+
+
+@company_app.command("add")
+def company_add(
+    name: str,
+    connector: Annotated[str, typer.Option(help="Connector name, e.g. synthetic or rest.")],
+    config: Annotated[str, typer.Option(help="Connector config as JSON, or @FILE.")] = "{}",
+    toggles: Annotated[str, typer.Option(help="Feature toggles as JSON.")] = "{}",
+    external_id: Annotated[str | None, typer.Option(help="The company's id upstream.")] = None,
+    disabled: Annotated[bool, typer.Option("--disabled", help="Create with sync disabled.")] = False,
+) -> None:
+    """Add a company; prints its id. The config is validated before anything is stored."""
+    from pipeline.companies import add_company
+
+    parsed_config = parse_json(config, "--config")
+    parsed_toggles = parse_json(toggles, "--toggles")
+    with runtime() as rt:
+        company = add_company(rt.engine, name=name, connector=connector, config=parsed_config,
+                              toggles=parsed_toggles, external_id=external_id, enabled=not disabled)
+    out.print(company.id)
+
+
+@company_app.command("list")
+def company_list() -> None:
+    """List companies."""
+    from pipeline.companies import list_companies
+
+    with runtime() as rt:
+        companies = list_companies(rt.engine)
+    table = Table("id", "name", "external id", "connector", "sync", "toggles")
+    for c in companies:
+        table.add_row(str(c.id), c.name, c.external_id or "", c.connector, "on" if c.sync_enabled else "off",
+                      json.dumps(c.feature_toggles, sort_keys=True))
+    out.print(table)
+
+
+@company_app.command("set-toggles")
+def company_set_toggles(company_id: int, toggles: str) -> None:
+    """Replace a company's feature toggles (JSON object of booleans)."""
+    from pipeline.companies import update_company
+
+    parsed = parse_json(toggles, "toggles")
+    with runtime() as rt:
+        update_company(rt.engine, company_id, toggles=parsed)
+    err.print(f"toggles of company {company_id} updated")
+
+
+@company_app.command("set-config")
+def company_set_config(company_id: int, config: str) -> None:
+    """Replace a company's connector config (JSON or @FILE); validated first."""
+    from pipeline.companies import update_company
+
+    parsed = parse_json(config, "config")
+    with runtime() as rt:
+        update_company(rt.engine, company_id, config=parsed)
+    err.print(f"config of company {company_id} updated")
+
+
+@company_app.command("enable")
+def company_enable(company_id: int, off: Annotated[bool, typer.Option("--off")] = False) -> None:
+    """Enable (or with --off, disable) syncing a company."""
+    from pipeline.companies import update_company
+
+    with runtime() as rt:
+        update_company(rt.engine, company_id, enabled=not off)
+    err.print(f"sync {'disabled' if off else 'enabled'} for company {company_id}")
+
+
+def progress_printer(progress: Progress, total_hint: int) -> Callable[[JobProgress], None]:
+    bar = progress.add_task("sync", total=total_hint or 1)
+
+    def show(p: JobProgress) -> None:
+        eta = p.eta_seconds()
+        eta_text = "eta --" if eta is None else f"eta {eta:.0f}s"
+        progress.update(bar, total=max(p.total_tasks, 1), completed=p.done_tasks,
+                        description=f"{p.status} · {p.failed_tasks} failed · {p.processed_records} records · "
+                                    f"{eta_text}")
+
+    return show
+
+
+def make_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+def report_finished(p: JobProgress) -> None:
+    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(p.status, "white")
+    err.print(f"job {p.job_id} [{colour}]{p.status}[/]: {p.completed_tasks} completed, {p.failed_tasks} failed, "
+              f"{p.cancelled_tasks} cancelled, {p.processed_records} records" + (f" — {p.error}" if p.error else ""))
+
+
+def run_sync(
+    rt: Runtime,
+    *,
+    companies: list[int] | None,
+    resources: list[str] | None,
+    partitions: list[str] | None,
+    mode: str,
+    wait: bool,
+    trigger: str = "cli",
+) -> JobProgress | None:
+    """Plan a job; on the embedded default run it in-process, else optionally wait for it."""
+    from actors.broker import make_broker
+    from actors.inprocess import running_worker
+    from actors.tasks import declare_actors
+    from pipeline.planning import plan_job
+    from pipeline.progress import wait_for_job
+
+    broker = make_broker(rt.settings)
+    actors = declare_actors(broker, rt)
+    try:
+        planned = plan_job(rt.engine, actors, trigger=trigger, mode=mode, company_ids=companies,
+                           resources=resources, partitions=partitions)
+        assert planned is not None
+        out.print(str(planned.job_id))
+        err.print(f"planned {planned.total_tasks} task(s) for {planned.companies} company(ies): "
+                  f"{', '.join(f'{k}×{v}' for k, v in sorted(planned.partitions_by_resource.items()))}")
+        if rt.settings.broker_url and not wait:
+            return None
+        with make_progress() as progress:
+            show = progress_printer(progress, planned.total_tasks)
+            if rt.settings.broker_url:
+                final = wait_for_job(rt.engine, planned.job_id, on_progress=show)
+            else:
+                with running_worker(broker, threads=rt.settings.worker_threads):
+                    final = wait_for_job(rt.engine, planned.job_id, on_progress=show, interval_s=0.1)
+        report_finished(final)
+        return final
+    finally:
+        broker.close()
+
+
+@app.command()
+def sync(
+    company: Annotated[list[int] | None, typer.Option("--company", help="Company id (repeatable).")] = None,
+    resource: Annotated[list[str] | None, typer.Option("--resource", help="Resource (repeatable).")] = None,
+    partition: Annotated[list[str] | None, typer.Option("--partition", help="Partition (repeatable).")] = None,
+    mode: Annotated[str, typer.Option(help="full or incremental.")] = "full",
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
+) -> None:
+    """Start a sync now; prints the job id. Without a broker it runs in-process and waits."""
+    with runtime() as rt:
+        final = run_sync(rt, companies=company, resources=resource, partitions=partition, mode=mode, wait=wait)
+    if final is not None and final.status != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    processes: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 2,
+    threads: Annotated[int | None, typer.Option(min=1, max=64, help="Threads per process.")] = None,
+) -> None:
+    """Run a worker fleet on the RabbitMQ broker (Dramatiq; SIGTERM finishes the chunk in hand)."""
+    import dramatiq.cli
+
+    s = settings()
+    if not s.broker_url:
+        raise fail("PIPELINE_BROKER_URL is not set: workers need RabbitMQ (the embedded default runs "
+                   "work inside `pipeline sync` / `pipeline demo`)")
+    threads = threads or s.worker_threads
+    # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
+    # this variable when its worker module is imported in the child processes).
+    os.environ["dramatiq_queue_prefetch"] = str(threads)
+    args = dramatiq.cli.make_argument_parser().parse_args(
+        ["actors.worker", "--processes", str(processes), "--threads", str(threads)]
+    )
+    sys.exit(dramatiq.cli.main(args))
+
+
+@app.command()
+def scheduler() -> None:
+    """Run the coordinator: hourly plan (SCHEDULE_CRON), sweeper every minute, daily cleanup."""
+    from actors.broker import make_broker
+    from actors.tasks import declare_actors
+    from pipeline.scheduler import build_scheduler
+
+    with runtime() as rt:
+        broker = make_broker(rt.settings)
+        if not rt.settings.broker_url:
+            raise fail("PIPELINE_BROKER_URL is not set: the scheduler hands work to RabbitMQ workers")
+        sched = build_scheduler(rt, declare_actors(broker, rt))
+        err.print(f"scheduler running: sync on '{rt.settings.schedule_cron}' (UTC), sweeper every minute, "
+                  "cleanup daily at 03:17 UTC")
+        try:
+            sched.start()
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            broker.close()
+
+
+@app.command("sweep")
+def sweep_once() -> None:
+    """Re-send tasks whose lease expired or whose message was lost (the scheduler does this every minute)."""
+    from actors.broker import make_broker
+    from actors.tasks import declare_actors
+    from pipeline.sweeper import sweep
+
+    with runtime() as rt:
+        broker = make_broker(rt.settings)
+        try:
+            report = sweep(rt.engine, declare_actors(broker, rt), pending_grace_s=rt.settings.pending_grace_s)
+        finally:
+            broker.close()
+    err.print(f"re-sent {report.expired_leases} expired lease(s) and {report.lost_messages} lost message(s)")
+
+
+@app.command("cleanup")
+def cleanup_cmd(
+    retention_days: Annotated[int | None, typer.Option(min=0, help="Keep finished jobs this many days.")] = None,
+) -> None:
+    """Delete old finished jobs, staging leftovers and unreferenced object versions."""
+    from pipeline.cleanup import cleanup
+
+    with runtime() as rt:
+        report = cleanup(rt.engine, rt.store, retention_days=retention_days if retention_days is not None
+                         else rt.settings.retention_days, grace_s=rt.settings.gc_grace_s)
+    err.print(f"deleted {report.jobs_deleted} job(s), {report.staging_deleted} staging part(s), "
+              f"{report.versions_deleted} unreferenced version(s)")
+
+
+def parse_job_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise fail(f"not a job id: {value!r}") from None
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[str | None, typer.Option(help="Only jobs with this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+) -> None:
+    """List recent jobs."""
+    from sqlalchemy import select
+
+    from pipeline.models import SyncJob
+
+    with runtime() as rt, rt.engine.connect() as conn:
+        query = select(SyncJob.__table__).order_by(SyncJob.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(SyncJob.status == status)
+        rows = conn.execute(query).all()
+    table = Table("id", "trigger", "mode", "status", "tasks", "done", "failed", "records", "created")
+    for r in rows:
+        table.add_row(str(r.id), r.trigger, r.mode, r.status, str(r.total_tasks), str(r.completed_tasks),
+                      str(r.failed_tasks), str(r.processed_records), r.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str) -> None:
+    """Show a job's progress and its tasks."""
+    from sqlalchemy import select
+
+    from pipeline.models import SyncTask
+    from pipeline.progress import job_progress
+
+    jid = parse_job_id(job_id)
+    with runtime() as rt:
+        p = job_progress(rt.engine, jid)
+        with rt.engine.connect() as conn:
+            tasks = conn.execute(select(SyncTask.__table__).where(SyncTask.job_id == jid)
+                                 .order_by(SyncTask.id)).all()
+    eta = p.eta_seconds()
+    err.print(f"job {p.job_id}: {p.status}, {p.percent}% ({p.done_tasks}/{p.total_tasks}), "
+              f"{p.processed_records} records, eta {'--' if eta is None else f'{eta:.0f}s'}"
+              + (f", error: {p.error}" if p.error else ""))
+    table = Table("task", "company", "resource", "partition", "status", "attempts", "chunks", "records", "error")
+    for t in tasks:
+        table.add_row(str(t.id), str(t.company_id), t.resource, t.partition_key, t.status, str(t.attempts),
+                      str(t.chunks), str(t.record_count), (t.error_message or "")[:80])
+    out.print(table)
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option(help="Where the demo's SQLite file and blobs go.")] = Path(".demo"),
+) -> None:
+    """Run the whole flow on the embedded default: SQLite, in-process broker, local blobs."""
+    from pipeline.demo import run_demo
+
+    with errors_to_exit():
+        code = run_demo(directory, out=out, err=err)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""How the domain asks for work to be run, without knowing the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Dispatcher(Protocol):
+    """Sends one ``sync_partition(task_id)`` message per task id.
+
+    RabbitMQ only wakes workers: a message that is lost delays its task until the sweeper
+    re-sends it; a duplicate costs one failed claim.
+    """
+
+    def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
+        """Send one message per id on the queue for ``priority`` ("high" or "normal")."""
+        ...
+
+    def backlog(self) -> int | None:
+        """Messages waiting on the queues, or ``None`` when the broker cannot tell."""
+        ...

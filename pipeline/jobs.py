@@ -1,0 +1,218 @@
+"""Task and job state transitions. Every transition is one statement or one transaction.
+
+Postgres is the source of truth for work (DESIGN invariant 1). A worker owns a task only
+while it holds a lease; every write it makes is fenced by the lease token it got at claim,
+so a worker whose lease expired and was taken over can no longer touch the task or its job.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, case, insert, or_, select, update
+
+from pipeline.errors import LeaseLost, TaskCancelled
+from pipeline.models import FINISHED, Company, JobLog, SyncJob, SyncTask, utcnow
+
+TASKS = SyncTask.__table__
+JOBS = SyncJob.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A worker's hold on one task: what it needs to run it and the token fencing its writes."""
+
+    task_id: int
+    job_id: uuid.UUID
+    company_id: int
+    external_id: str | None
+    connector: str
+    connector_config: dict[str, Any]
+    resource: str
+    partition: str
+    mode: str
+    attempts: int
+    chunks: int
+    fetch_state: dict[str, Any] | None
+    token: str
+
+
+def claim_task(engine: Engine, task_id: int, *, lease_s: float, now: datetime | None = None) -> Claim | None:
+    """Atomically take a task that is pending or whose lease expired.
+
+    Returns ``None`` (the message is to be acknowledged and ignored) when the task does not
+    exist, is finished, or is leased by a live worker.
+    """
+    now = now or utcnow()
+    token = uuid.uuid4().hex
+    claimable = or_(
+        TASKS.c.status == "pending",
+        and_(TASKS.c.status == "processing", TASKS.c.lease_until < now),
+    )
+    with engine.begin() as conn:
+        row = conn.execute(
+            update(TASKS)
+            .where(TASKS.c.id == task_id, claimable)
+            .values(
+                status="processing",
+                lease_until=now + timedelta(seconds=lease_s),
+                lease_token=token,
+                attempts=TASKS.c.attempts + 1,
+                updated_at=now,
+                started_at=case((TASKS.c.started_at.is_(None), now), else_=TASKS.c.started_at),
+            )
+            .returning(
+                TASKS.c.job_id, TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key,
+                TASKS.c.attempts, TASKS.c.chunks, TASKS.c.fetch_state,
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        conn.execute(
+            update(JOBS).where(JOBS.c.id == row.job_id, JOBS.c.status == "pending")
+            .values(status="processing", started_at=now)
+        )
+        job_mode = conn.execute(select(JOBS.c.mode).where(JOBS.c.id == row.job_id)).scalar_one()
+        company = conn.execute(
+            select(Company.external_id, Company.connector, Company.connector_config)
+            .where(Company.id == row.company_id)
+        ).one()
+    return Claim(
+        task_id=task_id,
+        job_id=row.job_id,
+        company_id=row.company_id,
+        external_id=company.external_id,
+        connector=company.connector,
+        connector_config=dict(company.connector_config or {}),
+        resource=row.resource,
+        partition=row.partition_key,
+        mode=job_mode,
+        attempts=row.attempts,
+        chunks=row.chunks,
+        fetch_state=row.fetch_state,
+        token=token,
+    )
+
+
+def _fenced(conn: Connection, claim: Claim, **values: Any) -> None:
+    """Update the claimed task only while this claim still holds it; raise otherwise."""
+    result = conn.execute(
+        update(TASKS)
+        .where(TASKS.c.id == claim.task_id, TASKS.c.lease_token == claim.token, TASKS.c.status == "processing")
+        .values(**values)
+    )
+    if result.rowcount == 1:
+        return
+    status = conn.execute(select(TASKS.c.status).where(TASKS.c.id == claim.task_id)).scalar_one_or_none()
+    if status == "cancelled":
+        raise TaskCancelled(f"task {claim.task_id} was cancelled")
+    raise LeaseLost(f"task {claim.task_id} is no longer held by this worker (status {status})")
+
+
+def save_progress(
+    engine: Engine, claim: Claim, *, fetch_state: dict[str, Any], chunks: int, lease_s: float
+) -> None:
+    """Persist the cursor after a staged chunk and extend the lease (a chunk boundary).
+
+    Raises:
+        TaskCancelled: the job was cancelled; stop here.
+        LeaseLost: another worker took the task over.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        _fenced(
+            conn, claim, fetch_state=fetch_state, chunks=chunks, updated_at=now,
+            lease_until=now + timedelta(seconds=lease_s),
+        )
+
+
+def hand_off(engine: Engine, claim: Claim, *, note: str) -> None:
+    """Release a task that ran out of time budget so a continuation message can resume it.
+
+    The next claim counts ``attempts + 1``; a continuation is not a new attempt, so it is
+    taken back here.
+    """
+    with engine.begin() as conn:
+        _fenced(
+            conn, claim, status="pending", lease_until=None, lease_token=None,
+            attempts=TASKS.c.attempts - 1, updated_at=utcnow(),
+        )
+        log(conn, claim.job_id, claim.task_id, "info", note)
+
+
+def record_attempt_failure(engine: Engine, claim: Claim, error: str, *, final: bool) -> bool:
+    """Log a failed attempt; release the task for a retry, or fail it for good.
+
+    Returns whether this call finished the job (it was the last open task).
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        log(conn, claim.job_id, claim.task_id, "error", f"attempt {claim.attempts} failed: {error}",
+            {"attempt": claim.attempts, "final": final})
+        if not final:
+            _fenced(conn, claim, status="pending", lease_until=None, lease_token=None,
+                    error_message=error, updated_at=now)
+            return False
+        _fenced(conn, claim, status="failed", lease_until=None, lease_token=None,
+                error_message=error, updated_at=now, completed_at=now)
+        return bump_job(conn, claim.job_id, failed=1, now=now)
+
+
+def complete_task(conn: Connection, claim: Claim, *, record_count: int, chunks: int) -> bool:
+    """Mark the claimed task completed and count it on its job (inside the publish transaction).
+
+    Returns whether this finished the job.
+    """
+    now = utcnow()
+    _fenced(conn, claim, status="completed", lease_until=None, lease_token=None, record_count=record_count,
+            chunks=chunks, error_message=None, updated_at=now, completed_at=now)
+    return bump_job(conn, claim.job_id, completed=1, records=record_count, now=now)
+
+
+def bump_job(
+    conn: Connection, job_id: uuid.UUID, *, completed: int = 0, failed: int = 0, cancelled: int = 0,
+    records: int = 0, now: datetime,
+) -> bool:
+    """Add to a job's counters; the update that accounts for its last task finishes the job.
+
+    The row lock taken by the UPDATE serialises concurrent finishers, so exactly one of them
+    sees the final counts. Returns whether this call finished the job.
+    """
+    row = conn.execute(
+        update(JOBS).where(JOBS.c.id == job_id)
+        .values(
+            completed_tasks=JOBS.c.completed_tasks + completed,
+            failed_tasks=JOBS.c.failed_tasks + failed,
+            cancelled_tasks=JOBS.c.cancelled_tasks + cancelled,
+            processed_records=JOBS.c.processed_records + records,
+        )
+        .returning(JOBS.c.total_tasks, JOBS.c.completed_tasks, JOBS.c.failed_tasks, JOBS.c.cancelled_tasks,
+                   JOBS.c.status)
+    ).one()
+    done = row.completed_tasks + row.failed_tasks + row.cancelled_tasks
+    if done < row.total_tasks or row.status in FINISHED:
+        return False
+    if row.failed_tasks:
+        status, error = "failed", f"{row.failed_tasks} of {row.total_tasks} tasks failed"
+    elif row.cancelled_tasks:
+        status, error = "cancelled", None
+    else:
+        status, error = "completed", None
+    conn.execute(
+        update(JOBS).where(JOBS.c.id == job_id)
+        .values(status=status, completed_at=now, error_message=error,
+                started_at=case((JOBS.c.started_at.is_(None), now), else_=JOBS.c.started_at))
+    )
+    return True
+
+
+def log(
+    conn: Connection, job_id: uuid.UUID, task_id: int | None, level: str, message: str,
+    data: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(insert(JobLog.__table__).values(
+        job_id=job_id, task_id=task_id, level=level, message=message[:4000], data=data, created_at=utcnow(),
+    ))

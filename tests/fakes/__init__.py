@@ -1,0 +1,1 @@
+"""Fake upstream APIs for connector tests; fixtures in ``tests.fakes.fixtures``."""
