@@ -24,6 +24,7 @@ from pipeline.db import normalize_url
 MIGRATION_LOCK_KEY = 0x5059_4E43_4D49_4752  # "PYNCMIGR"
 
 DATABASE_URL_ATTRIBUTE = "database_url"
+SCRIPT_LOCATION = str(Path(migrations.__file__).parent)
 
 
 def alembic_config(database_url: str) -> Config:
@@ -37,7 +38,7 @@ def alembic_config(database_url: str) -> Config:
         A config usable with every ``alembic.command`` function.
     """
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("script_location", SCRIPT_LOCATION)
     # ConfigParser interpolates "%": a URL-encoded password ("p%40ss") must be escaped.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.attributes[DATABASE_URL_ATTRIBUTE] = database_url
@@ -66,8 +67,7 @@ def current(database_url: str) -> str | None:
 
 def head() -> str:
     """The newest revision in the ``migrations`` package: a database at it is up to date."""
-    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    revision = script.get_current_head()
+    revision = ScriptDirectory(SCRIPT_LOCATION).get_current_head()
     if revision is None:  # pragma: no cover - the package always ships 0001
         raise RuntimeError("the migrations package has no revisions")
     return revision

@@ -132,9 +132,10 @@ def plan_job(
         else:
             dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             inserted = conn.execute(
-                dialect_insert(JOBS).values(**job_values).on_conflict_do_nothing(index_elements=["tick_key"])
-            )
-            if inserted.rowcount == 0:
+                dialect_insert(JOBS).values(**job_values)
+                .on_conflict_do_nothing(index_elements=["tick_key"]).returning(JOBS.c.id)
+            ).first()
+            if inserted is None:
                 return None
         if rows:
             _insert_tasks(conn, job_id, rows, now)

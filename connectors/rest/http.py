@@ -7,8 +7,10 @@ of a generic retrier would have been replaced.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -53,6 +55,12 @@ def body_excerpt(response: httpx.Response) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes ~50 ms; connectors are built per chunk, so share one context.
+    return httpx.create_ssl_context()
+
+
 def _retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
@@ -94,6 +102,7 @@ class HttpClient:
         # Redirects are not followed: a cross-origin redirect would carry custom auth headers along.
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
+            verify=_tls_context(),
             auth=auth,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
@@ -131,7 +140,8 @@ class HttpClient:
             status: int | None = None
             retry_after: float | None = None
             try:
-                response = self._client.get(url, params=dict(params or {}))
+                # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
+                response = self._client.get(url, params=dict(params) if params else None)
             except httpx.TransportError as exc:
                 failure: Exception | None = exc
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

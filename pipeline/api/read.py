@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Path
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,11 @@ CACHE_CONTROL = "private, max-age=300"
 log = logging.getLogger("pipeline.api")
 
 router = APIRouter()
+
+ResourceName = Annotated[
+    str, Path(description="A resource the company's connector offers", examples=["schedule"])
+]
+PartitionKey = Annotated[str, Path(description="A partition key, e.g. a day", examples=["2030-01-15"])]
 
 
 class PartitionInfo(BaseModel):
@@ -80,7 +85,7 @@ async def _resource(state: ApiState, principal: Principal, resource: str) -> tup
     responses=ERROR_RESPONSES,
     summary="List the caller's company's published partitions of a resource",
 )
-async def list_partitions(resource: str, principal: CurrentPrincipal, state: State) -> Response:
+async def list_partitions(resource: ResourceName, principal: CurrentPrincipal, state: State) -> Response:
     company, spec = await _resource(state, principal, resource)
     datasets = await state.listing(company.id, resource)
     view = view_key(spec.policy, principal.role, principal.employee_id, company.toggles)
@@ -143,8 +148,8 @@ _DOCUMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="Read one partition's document, filtered by the caller's role and the company's toggles",
 )
 async def read_partition(
-    resource: str,
-    partition: str,
+    resource: ResourceName,
+    partition: PartitionKey,
     principal: CurrentPrincipal,
     state: State,
     if_none_match: Annotated[str | None, Header()] = None,

@@ -72,6 +72,7 @@ class _Fault:
     http_date: bool
     message: str
     variant: MalformedVariant
+    skip: int
 
 
 class BadRequest(Exception):
@@ -87,6 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Idle keep-alive connections end on their own, so no thread outlives a test for long.
     timeout = 5
+    # Headers and body go out in two writes; with Nagle on, each response waits for a delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def do_GET(self) -> None:
@@ -126,7 +129,10 @@ class FakeUpstream:
         server = _Server(("127.0.0.1", 0), _Handler)
         server.fake = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=type(self).__name__, daemon=True)
+        # A short poll interval keeps shutdown() (which waits for the next poll) fast.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, name=type(self).__name__, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -169,8 +175,11 @@ class FakeUpstream:
         http_date: bool = False,
         message: str = "Something went wrong upstream",
         variant: MalformedVariant = "missing",
+        after: int = 0,
     ) -> None:
-        """Answer the next ``count`` requests (after faults already queued) with a failure.
+        """Answer ``count`` requests with a failure, once ``after`` more requests were served normally.
+
+        Faults queue up: this one starts after those already queued are used.
 
         ``rate_limit``: 429 with ``Retry-After`` in seconds, or with ``http_date`` as an HTTP
         date at least ``retry_after`` seconds ahead. ``server_error``: 500. ``unauthorized``:
@@ -181,7 +190,7 @@ class FakeUpstream:
         if kind == "not_success" and not self.supports_envelope:
             raise ValueError(f"{type(self).__name__} has no success envelope")
         with self._lock:
-            self._faults.append(_Fault(kind, count, retry_after, http_date, message, variant))
+            self._faults.append(_Fault(kind, count, retry_after, http_date, message, variant, after))
 
     def require_header(self, name: str, value: str) -> None:
         """Answer 401 to requests without header ``name: value`` (e.g. a bearer token)."""
@@ -240,6 +249,9 @@ class FakeUpstream:
             if not self._faults:
                 return None
             fault = self._faults[0]
+            if fault.skip > 0:
+                fault.skip -= 1
+                return None
             fault.remaining -= 1
             if fault.remaining <= 0:
                 self._faults.popleft()

@@ -7,8 +7,13 @@ same services never see each other's work.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
@@ -98,3 +103,55 @@ def worker(actors: Actors) -> Iterator[dramatiq.Worker]:
     """An in-process Dramatiq worker consuming the test's queues."""
     with running_worker(actors.broker, threads=4) as running:
         yield running
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``PIPELINE_*`` environment that reproduces ``settings`` in a subprocess."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIPELINE_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+@dataclass
+class WorkerFleet:
+    """``pipeline worker`` processes started as the CLI starts them, each in its own process group."""
+
+    settings: Settings
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, *, processes: int = 1, threads: int = 2) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--processes", str(processes), "--threads",
+             str(threads)],
+            env=settings_env(self.settings), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.processes.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and its children: no chance to ack, checkpoint or clean up."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def worker_fleet(stack: Runtime) -> Iterator[WorkerFleet]:
+    fleet = WorkerFleet(stack.settings)
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()

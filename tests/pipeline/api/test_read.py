@@ -352,7 +352,7 @@ def test_reads_and_integrity_checks_work_on_every_blob_store(
     if role == "manager":
         assert body == tenant.schedule
     else:
-        assert [job["id"] for job in body["jobs"]] == jobs_of(tenant.schedule, employee)
+        assert [job["id"] for job in body["jobs"]] == jobs_of(tenant.schedule, employee) != []
         assert all("email" not in job["contactInfo"] for job in body["jobs"])
     assert api.client.get("/healthz").json()["checks"] == {"database": "ok", "store": "ok"}
     other = api.add_tenant()
