@@ -69,10 +69,9 @@ def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
         run(task_id, SYNC_PARTITION_HIGH)
 
     holder[SYNC_PARTITION] = dramatiq.actor(
-        sync_partition, broker=broker, actor_name=SYNC_PARTITION, queue_name=queue, priority=NORMAL_PRIORITY,
-    )
+        broker=broker, actor_name=SYNC_PARTITION, queue_name=queue, priority=NORMAL_PRIORITY
+    )(sync_partition)
     holder[SYNC_PARTITION_HIGH] = dramatiq.actor(
-        sync_partition_high, broker=broker, actor_name=SYNC_PARTITION_HIGH, queue_name=f"{queue}-high",
-        priority=HIGH_PRIORITY,
-    )
+        broker=broker, actor_name=SYNC_PARTITION_HIGH, queue_name=f"{queue}-high", priority=HIGH_PRIORITY
+    )(sync_partition_high)
     return Actors(broker=broker, normal=holder[SYNC_PARTITION], high=holder[SYNC_PARTITION_HIGH])

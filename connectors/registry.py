@@ -43,7 +43,7 @@ def validate(name: str, config: Mapping[str, Any]) -> None:
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the registry never drags in every connector's deps.
-    import connectors.synthetic  # noqa: F401
+    import connectors.synthetic
 
     try:
         import connectors.rest  # noqa: F401

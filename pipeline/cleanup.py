@@ -14,13 +14,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, delete, select
 
 from pipeline.datasets import STAGING_PREFIX, lock_partition
-from pipeline.models import FINISHED, Dataset, SyncJob, SyncTask, utcnow
+from pipeline.models import DATASETS, FINISHED, JOBS, TASKS, utcnow
 from storage.base import BlobStore
 
 logger = logging.getLogger(__name__)
-DATASETS = Dataset.__table__
-TASKS = SyncTask.__table__
-JOBS = SyncJob.__table__
 
 
 @dataclass(frozen=True, slots=True)

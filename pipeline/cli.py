@@ -251,10 +251,10 @@ def worker(
     # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
     # this variable when its worker module is imported in the child processes).
     os.environ["dramatiq_queue_prefetch"] = str(threads)
-    args = dramatiq.cli.make_argument_parser().parse_args(
+    args = dramatiq.cli.make_argument_parser().parse_args(  # type: ignore[no-untyped-call]
         ["actors.worker", "--processes", str(processes), "--threads", str(threads)]
     )
-    sys.exit(dramatiq.cli.main(args))
+    sys.exit(dramatiq.cli.main(args))  # type: ignore[no-untyped-call]
 
 
 @app.command()

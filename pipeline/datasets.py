@@ -18,12 +18,11 @@ from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.jobs import Claim, complete_task
-from pipeline.models import Dataset, utcnow
+from pipeline.models import DATASETS, utcnow
 from pipeline.runtime import Runtime
 from storage.base import BlobStore
 from storage.checksum import sha256_hex
 
-DATASETS = Dataset.__table__
 STAGING_PREFIX = "_staging"
 
 

@@ -15,10 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, case, insert, or_, select, update
 
 from pipeline.errors import LeaseLost, TaskCancelled
-from pipeline.models import FINISHED, Company, JobLog, SyncJob, SyncTask, utcnow
-
-TASKS = SyncTask.__table__
-JOBS = SyncJob.__table__
+from pipeline.models import FINISHED, JOB_LOG, JOBS, TASKS, Company, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +210,6 @@ def log(
     conn: Connection, job_id: uuid.UUID, task_id: int | None, level: str, message: str,
     data: dict[str, Any] | None = None,
 ) -> None:
-    conn.execute(insert(JobLog.__table__).values(
+    conn.execute(insert(JOB_LOG).values(
         job_id=job_id, task_id=task_id, level=level, message=message[:4000], data=data, created_at=utcnow(),
     ))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -75,7 +76,7 @@ class Base(DeclarativeBase):
             "pk": "pk_%(table_name)s",
         }
     )
-    type_annotation_map = {dict[str, Any]: JSONType, datetime: UTCDateTime()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONType, datetime: UTCDateTime()}
 
 
 class Company(Base):
@@ -201,3 +202,12 @@ class RateLimitBucket(Base):
 
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
     next_slot: Mapped[datetime]
+
+
+# Core-level handles for the statements that need them (bulk inserts, fenced updates, RETURNING).
+COMPANIES = cast(Table, Company.__table__)
+JOBS = cast(Table, SyncJob.__table__)
+TASKS = cast(Table, SyncTask.__table__)
+DATASETS = cast(Table, Dataset.__table__)
+JOB_LOG = cast(Table, JobLog.__table__)
+CURSORS = cast(Table, SyncCursor.__table__)

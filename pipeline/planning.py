@@ -23,10 +23,7 @@ from connectors import registry
 from connectors.base import Connector
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
-from pipeline.models import MODES, PRIORITIES, TRIGGERS, Company, SyncJob, SyncTask, utcnow
-
-JOBS = SyncJob.__table__
-TASKS = SyncTask.__table__
+from pipeline.models import JOBS, MODES, PRIORITIES, TASKS, TRIGGERS, Company, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +118,8 @@ def plan_job(
             connector.close()
         unknown = sorted(wanted_resources - seen_resources)
         if unknown and companies:
-            raise ConfigError(f"unknown resource(s): {', '.join(unknown)} (offered: {', '.join(sorted(seen_resources))})")
+            offered = ", ".join(sorted(seen_resources))
+            raise ConfigError(f"unknown resource(s): {', '.join(unknown)} (offered: {offered})")
 
         scope = {"company_ids": list(company_ids or []), "resources": sorted(wanted_resources),
                  "partitions": sorted(wanted_partitions)}

@@ -75,9 +75,7 @@ def _is_identity(policy: FieldPolicy, role: str, hidden: frozenset[str]) -> bool
     return policy.rows is None and not policy.technician_hidden and not hidden
 
 
-def view_key(
-    policy: FieldPolicy, role: str, employee_id: str | int | None, toggles: Mapping[str, Any]
-) -> str:
+def view_key(policy: FieldPolicy, role: str, employee_id: str | int | None, toggles: Mapping[str, Any]) -> str:
     """A short stable name for the view ``apply_policy`` gives these inputs.
 
     Two callers get the same key exactly when they get the same filtered output from the same
@@ -153,9 +151,7 @@ def apply_policy(
                 continue
             if any(isinstance(item, Mapping) and policy.owner_key in item for item in value):
                 result[key] = [
-                    item
-                    for item in value
-                    if isinstance(item, Mapping) and str(item.get(policy.owner_key)) in owners
+                    item for item in value if isinstance(item, Mapping) and str(item.get(policy.owner_key)) in owners
                 ]
                 filtered[key] = len(result[key])
 

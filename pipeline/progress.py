@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import Engine, select
 
 from pipeline.errors import NotFound
-from pipeline.models import FINISHED, SyncJob, utcnow
+from pipeline.models import FINISHED, JOBS, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class JobProgress:
 
 def job_progress(engine: Engine, job_id: uuid.UUID) -> JobProgress:
     with engine.connect() as conn:
-        job = conn.execute(select(SyncJob.__table__).where(SyncJob.__table__.c.id == job_id)).one_or_none()
+        job = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).one_or_none()
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     return JobProgress(

@@ -16,11 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, and_, or_, select, update
 
 from pipeline.dispatch import Dispatcher
-from pipeline.models import SyncJob, SyncTask, utcnow
+from pipeline.models import JOBS, TASKS, utcnow
 
 logger = logging.getLogger(__name__)
-TASKS = SyncTask.__table__
-JOBS = SyncJob.__table__
 
 
 @dataclass(frozen=True, slots=True)

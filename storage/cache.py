@@ -135,8 +135,6 @@ def read_verified(store: BlobStore, key: str, checksum: str, cache: ByteCache) -
     data = store.get(key)
     actual = sha256_hex(data)
     if actual != checksum:
-        raise ChecksumMismatch(
-            f"object {key!r} ({len(data)} bytes) hashes to sha256 {actual}, expected {checksum}"
-        )
+        raise ChecksumMismatch(f"object {key!r} ({len(data)} bytes) hashes to sha256 {actual}, expected {checksum}")
     cache.put(checksum, data)
     return data

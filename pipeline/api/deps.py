@@ -151,12 +151,8 @@ class ApiState:
         self.objects = ByteCache(object_cache_bytes)
         self.bodies = ByteCache(body_cache_bytes)
         self.companies: TTLCache[int, CompanyView | None] = TTLCache(metadata_ttl_s, metadata_entries)
-        self.datasets: TTLCache[tuple[int, str, str], DatasetView | None] = TTLCache(
-            metadata_ttl_s, metadata_entries
-        )
-        self.listings: TTLCache[tuple[int, str], tuple[DatasetView, ...]] = TTLCache(
-            metadata_ttl_s, metadata_entries
-        )
+        self.datasets: TTLCache[tuple[int, str, str], DatasetView | None] = TTLCache(metadata_ttl_s, metadata_entries)
+        self.listings: TTLCache[tuple[int, str], tuple[DatasetView, ...]] = TTLCache(metadata_ttl_s, metadata_entries)
 
     async def company(self, company_id: int) -> CompanyView | None:
         return await self.companies.get_or_load(company_id, lambda: self._load_company(company_id))
@@ -207,9 +203,9 @@ class ApiState:
     def _load_company(self, company_id: int) -> CompanyView | None:
         with self.runtime.engine.connect() as connection:
             row = connection.execute(
-                select(
-                    Company.id, Company.connector, Company.connector_config, Company.feature_toggles
-                ).where(Company.id == company_id)
+                select(Company.id, Company.connector, Company.connector_config, Company.feature_toggles).where(
+                    Company.id == company_id
+                )
             ).first()
         if row is None:
             return None
@@ -222,9 +218,7 @@ class ApiState:
                 connector.close()
         except PipelineError as exc:
             # The company's data stays unreadable (404) until its config is fixed; say why.
-            log.warning(
-                "company %s: connector %r unusable, no resources served: %s", row.id, row.connector, exc
-            )
+            log.warning("company %s: connector %r unusable, no resources served: %s", row.id, row.connector, exc)
         toggles = row.feature_toggles if isinstance(row.feature_toggles, dict) else {}
         return CompanyView(id=row.id, toggles=toggles, resources=resources)
 

@@ -105,9 +105,7 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         return not_found()
-    code = {405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
-        exc.status_code, "http_error"
-    )
+    code = {405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
     headers = dict(exc.headers) if exc.headers else None
     return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 

@@ -31,9 +31,7 @@ log = logging.getLogger("pipeline.api")
 
 router = APIRouter()
 
-ResourceName = Annotated[
-    str, Path(description="A resource the company's connector offers", examples=["schedule"])
-]
+ResourceName = Annotated[str, Path(description="A resource the company's connector offers", examples=["schedule"])]
 PartitionKey = Annotated[str, Path(description="A partition key, e.g. a day", examples=["2030-01-15"])]
 
 
@@ -202,6 +200,4 @@ def healthz(state: State) -> Response:
         name: {"entries": s.entries, "size_bytes": s.size_bytes, "hits": s.hits, "misses": s.misses}
         for name, s in (("objects", state.objects.stats()), ("bodies", state.bodies.stats()))
     }
-    return Response(
-        orjson.dumps({"status": "ok", "checks": checks, "caches": caches}), media_type="application/json"
-    )
+    return Response(orjson.dumps({"status": "ok", "checks": checks, "caches": caches}), media_type="application/json")

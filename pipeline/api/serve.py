@@ -37,6 +37,7 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     access_log: bool = False,
+    app: str = FACTORY,
 ) -> None:
     """Serve the API until interrupted.
 
@@ -50,6 +51,7 @@ def serve(
         port: TCP port.
         workers: worker processes; one per core is a good start.
         access_log: log one line per request (off by default: it costs throughput).
+        app: import string of an app factory (the benchmark serves its own, with extra routes).
 
     Raises:
         ConfigError: no usable JWT secret (checked before any worker starts).
@@ -59,7 +61,7 @@ def serve(
         raise ValueError(f"workers must be >= 1, got {workers}")
     os.environ.update(settings_environment(settings))
     uvicorn.run(
-        FACTORY,
+        app,
         factory=True,
         host=host,
         port=port,

@@ -206,6 +206,11 @@ class FakeUpstream:
                 self._changes[key] = {**self._changes.get(key, {}), **changes, "updated_at": updated_at}
         return updated_at
 
+    def clear_requests(self) -> None:
+        """Forget the requests served so far (e.g. between two syncs)."""
+        with self._lock:
+            self._log.clear()
+
     def reset(self, *, count: int | None = None) -> None:
         """Forget the log, pending faults, record changes and auth; optionally resize the dataset."""
         with self._lock:

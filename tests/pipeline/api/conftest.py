@@ -86,7 +86,11 @@ class Api:
         )
         document = schedule_document(company.id, jobs=jobs)
         publish_document(
-            self.engine, self.store, company_id=company.id, resource="schedule", partition=PARTITION,
+            self.engine,
+            self.store,
+            company_id=company.id,
+            resource="schedule",
+            partition=PARTITION,
             document=document,
         )
         users = {"company_id": company.id, "users": [{"EmployeeInformationId": 1000, "Name": "Ada"}]}

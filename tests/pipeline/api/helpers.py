@@ -55,7 +55,9 @@ def publish_document(
     payload = serialize(document)
     checksum = sha256_hex(payload)
     key = storage_key(company_id, resource, partition, checksum)
-    rows = document.get("jobs", document.get("users", [])) if isinstance(document, dict) else []
+    rows: list[Any] = []
+    if isinstance(document, dict):
+        rows = document.get("jobs") or document.get("users") or []
     store.put(key, payload, metadata={"sha256": checksum, "record-count": str(len(rows))})
     now = utcnow()
     with transaction(engine) as session:
@@ -80,9 +82,7 @@ def publish_document(
 
 def employee_ids(document: dict[str, Any]) -> list[int]:
     """Every employee assigned to some job of a schedule document."""
-    return sorted(
-        {entry["EmployeeInformationId"] for job in document["jobs"] for entry in job["employeeSchedules"]}
-    )
+    return sorted({entry["EmployeeInformationId"] for job in document["jobs"] for entry in job["employeeSchedules"]})
 
 
 def jobs_of(document: dict[str, Any], employee_id: int) -> list[Any]:
@@ -104,4 +104,3 @@ def b64url(data: bytes) -> str:
 def unsigned_token(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
     """A JWT assembled by hand, for tokens no honest library would produce."""
     return ".".join([b64url(orjson.dumps(header)), b64url(orjson.dumps(claims)), b64url(signature)])
-

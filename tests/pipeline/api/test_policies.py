@@ -21,8 +21,18 @@ from tests.pipeline.api.helpers import (
 )
 
 JOB_FIELDS = {
-    "id", "date", "customerName", "contactInfo", "billRate", "feeSplitRate", "addOnRate", "roomRate",
-    "discounts", "internalMemo", "accessInformation", "employeeSchedules",
+    "id",
+    "date",
+    "customerName",
+    "contactInfo",
+    "billRate",
+    "feeSplitRate",
+    "addOnRate",
+    "roomRate",
+    "discounts",
+    "internalMemo",
+    "accessInformation",
+    "employeeSchedules",
 }
 
 
@@ -119,7 +129,9 @@ def test_an_unreadable_toggle_value_hides_its_field(document: dict[str, Any], va
         assert "billRate" not in job
 
 
-@pytest.mark.parametrize(("value", "hidden"), [("false", True), ("FALSE", True), (0, True), ("true", False), (1, False)])
+@pytest.mark.parametrize(
+    ("value", "hidden"), [("false", True), ("FALSE", True), (0, True), ("true", False), (1, False)]
+)
 def test_string_and_integer_toggle_values_read_as_booleans(value: Any, hidden: bool) -> None:
     assert hidden_paths(SCHEDULE_POLICY, {"TechDashboard_DisplayRoomRate": value}) == (
         {"roomRate"} if hidden else set()
@@ -153,7 +165,7 @@ def test_view_key_names_exactly_what_changes_the_output(document: dict[str, Any]
     assert base != view_key(SCHEDULE_POLICY, "technician", second, {})
     assert base != view_key(SCHEDULE_POLICY, "technician", first, {"TechDashboard_DisplayBillRate": False})
     assert base != FULL_VIEW and len(base) <= 32
-    hidden = {name: value for name, value in ALL_HIDDEN.items()}
+    hidden = dict(ALL_HIDDEN)
     assert view_key(SCHEDULE_POLICY, "technician", first, hidden) == view_key(
         SCHEDULE_POLICY, "technician", first, dict(reversed(hidden.items()))
     )

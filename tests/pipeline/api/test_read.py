@@ -139,7 +139,11 @@ def test_another_companys_partition_answers_exactly_like_a_missing_one(api: Api)
     company_a, company_b = api.add_tenant(), api.add_tenant()
     only_b = schedule_document(company_b.id, "2030-02-01", jobs=5)
     publish_document(
-        api.engine, api.store, company_id=company_b.id, resource="schedule", partition="2030-02-01",
+        api.engine,
+        api.store,
+        company_id=company_b.id,
+        resource="schedule",
+        partition="2030-02-01",
         document=only_b,
     )
     for role, employee in (("admin", None), ("manager", None), ("technician", 1000)):
@@ -341,9 +345,7 @@ def test_openapi_and_docs_are_served(api: Api) -> None:
 
 
 @pytest.mark.parametrize(("role", "employee"), [("manager", None), ("technician", 1000)])
-def test_reads_and_integrity_checks_work_on_every_blob_store(
-    api_on_each_store: Api, role: str, employee: Any
-) -> None:
+def test_reads_and_integrity_checks_work_on_every_blob_store(api_on_each_store: Api, role: str, employee: Any) -> None:
     api = api_on_each_store
     tenant = api.add_tenant({"TechDashboard_DisplayCustomerEmails": False})
     response = get(api, DOCUMENT, tenant.id, role, employee)

@@ -33,7 +33,11 @@ def test_the_api_conforms_to_its_schema_and_never_answers_5xx(api: Api, role: st
     tenant = api.add_tenant({"TechDashboard_DisplayCustomerEmails": False})
     partition = documented_partition(api)
     publish_document(
-        api.engine, api.store, company_id=tenant.id, resource="schedule", partition=partition,
+        api.engine,
+        api.store,
+        company_id=tenant.id,
+        resource="schedule",
+        partition=partition,
         document=schedule_document(tenant.id, partition),
     )
     employee = employee_ids(tenant.schedule)[0] if role == "technician" else None
