@@ -9,6 +9,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Retries, ShutdownNotifications, TimeLimit
 
+from actors.shutdown import GracefulStop
 from pipeline.settings import Settings
 
 HEARTBEAT_S = 60
@@ -34,6 +35,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         AgeLimit(),
         TimeLimit(time_limit=settings.message_time_limit_ms, interval=1000),
         ShutdownNotifications(),
+        GracefulStop(),
         Retries(
             max_retries=settings.max_attempts + 2,
             min_backoff=settings.retry_min_backoff_ms,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import dramatiq
 
+from actors.shutdown import graceful_stop
 from pipeline.execution import Outcome, RetryTask, run_task
 from pipeline.runtime import Runtime
 
@@ -51,11 +52,12 @@ def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
     People's syncs (API, CLI) go to their own queue and run ahead of the hourly batch.
     """
     queue = runtime.settings.queue_name
+    should_stop = graceful_stop(broker).should_stop
     holder: dict[str, dramatiq.Actor[[int], None]] = {}
 
     def run(task_id: int, actor_name: str) -> None:
         try:
-            outcome = run_task(runtime, task_id)
+            outcome = run_task(runtime, task_id, should_stop=should_stop)
         except RetryTask as exc:
             # dramatiq.Retry: the Retries middleware backs off and re-sends, without an error log.
             raise dramatiq.Retry(str(exc)) from exc

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,8 +54,17 @@ def describe(exc: BaseException) -> str:
     return text[:2000]
 
 
-def run_task(rt: Runtime, task_id: int, *, limiter: RateLimiter | None = None) -> Outcome:
+def run_task(
+    rt: Runtime,
+    task_id: int,
+    *,
+    limiter: RateLimiter | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Outcome:
     """Run (a budget's worth of) one task. The one call the ``sync_partition`` actor makes.
+
+    ``should_stop`` is checked at every chunk boundary: when it answers true (the worker is
+    shutting down) the cursor is saved and the task handed off, as when the budget is spent.
 
     Raises:
         RetryTask: the attempt failed and another is allowed; the broker retries with backoff.
@@ -68,7 +77,7 @@ def run_task(rt: Runtime, task_id: int, *, limiter: RateLimiter | None = None) -
     try:
         connector = registry.build(claim.connector, claim.connector_config, limiter=limiter)
         try:
-            return _run(rt, claim, connector, deadline)
+            return _run(rt, claim, connector, deadline, should_stop or _never)
         finally:
             connector.close()
     except TaskCancelled:
@@ -97,7 +106,11 @@ def run_task(rt: Runtime, task_id: int, *, limiter: RateLimiter | None = None) -
         raise RetryTask(message) from exc
 
 
-def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float) -> Outcome:
+def _never() -> bool:
+    return False
+
+
+def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, should_stop: Callable[[], bool]) -> Outcome:
     spec = resource_spec(connector, claim.resource)
     state: dict[str, Any] = dict(claim.fetch_state or {})
     chunks = claim.chunks
@@ -116,8 +129,9 @@ def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float) -> Ou
         chunks += 1
         state = {"cursor": chunk.state, "records": fetched, "done": chunk.done}
         save_progress(rt.engine, claim, fetch_state=state, chunks=chunks, lease_s=rt.settings.lease_seconds)
-        if not chunk.done and time.monotonic() >= deadline:
-            hand_off(rt.engine, claim, note=f"continuation after chunk {chunks} ({fetched} records so far)")
+        if not chunk.done and (time.monotonic() >= deadline or should_stop()):
+            reason = "worker stopping" if should_stop() else "time budget spent"
+            hand_off(rt.engine, claim, note=f"continuation after chunk {chunks} ({fetched} records so far; {reason})")
             return Outcome.CONTINUE
     records: Iterable[Record] = single if single is not None else read_staged(rt.store, claim.task_id, chunks)
     rows = dedupe(records, spec.primary_key)

@@ -16,11 +16,12 @@ from pipeline.ratelimit import LocalRateLimiter, PostgresRateLimiter, make_rate_
 from tests.connectors.support import drain
 from tests.fakes.upstreams import LinkApi
 
-ITEMS_PER_WORKER = 12
+ITEMS_PER_WORKER = 8
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def rate_limit_engine(make_database: Callable[[], str]) -> Iterator[Engine]:
+    """One new database for this module; every test uses its own upstream keys in it."""
     engine = make_engine(make_database())
     Base.metadata.create_all(engine)
     yield engine
@@ -55,11 +56,11 @@ def test_postgres_limiter_hands_out_consecutive_slots_per_key(rate_limit_engine:
     first = time.monotonic()
     waits = []
     for _ in range(5):
-        waits.append((limiter.reserve("https://api.example.com", 10), time.monotonic()))
+        waits.append((limiter.reserve("https://slots.example.com", 10), time.monotonic()))
     for index, (wait, at) in enumerate(waits):
         expected = index * 0.1 - (at - first)
         assert expected - 0.05 <= wait <= expected + 0.05
-    assert limiter.reserve("https://other.example.com", 10) == 0
+    assert limiter.reserve("https://other-slots.example.com", 10) == 0
 
 
 def test_make_rate_limiter_uses_the_database_only_on_postgresql(rate_limit_engine: Engine) -> None:
