@@ -17,11 +17,11 @@ import orjson
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from pipeline.assembly import RenderedDocument, read_ndjson
 from pipeline.jobs import Claim, complete_task
-from pipeline.models import DATASETS, utcnow
+from pipeline.models import CURSORS, DATASETS, utcnow
 from pipeline.runtime import Runtime
 from storage.base import BlobStore
-from storage.checksum import sha256_hex
 
 STAGING_PREFIX = "_staging"
 
@@ -45,19 +45,14 @@ def stage_chunk(store: BlobStore, task_id: int, index: int, records: Iterable[An
     store.put(f"{staging_prefix(task_id)}{index:06d}.ndjson", body, content_type="application/x-ndjson")
 
 
-def read_staged(store: BlobStore, task_id: int, chunks: int) -> Iterator[Any]:
-    """Yield the staged records of chunks ``0 .. chunks-1`` in order, streaming each part."""
-    for index in range(chunks):
-        pending = b""
-        for block in store.open(f"{staging_prefix(task_id)}{index:06d}.ndjson"):
-            pending += block
-            lines = pending.split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                if line:
-                    yield orjson.loads(line)
-        if pending.strip():
-            yield orjson.loads(pending)
+def staged_part(store: BlobStore, task_id: int, index: int) -> Iterator[Any]:
+    """Stream the records of one staged chunk."""
+    return read_ndjson(store.open(f"{staging_prefix(task_id)}{index:06d}.ndjson"))
+
+
+def records_key(storage_key: str) -> str:
+    """Where the raw records of a version lie (incremental resources merge into them)."""
+    return storage_key.removesuffix(".json") + ".records.ndjson"
 
 
 def remove_staging(store: BlobStore, task_id: int) -> int:
@@ -92,6 +87,15 @@ def _upsert_dataset(conn: Connection, values: dict[str, Any]) -> None:
         conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=updates))
 
 
+def _upsert_cursor(conn: Connection, claim: Claim, bookmark: str, now: Any) -> None:
+    keys = ["company_id", "resource", "partition_key"]
+    values = {"company_id": claim.company_id, "resource": claim.resource, "partition_key": claim.partition,
+              "bookmark": bookmark, "updated_at": now}
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    conn.execute(dialect.insert(CURSORS).values(**values)
+                 .on_conflict_do_update(index_elements=keys, set_={"bookmark": bookmark, "updated_at": now}))
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
     checksum: str
@@ -101,29 +105,55 @@ class Published:
     job_finished: bool
 
 
-def publish(rt: Runtime, claim: Claim, payload: bytes, *, record_count: int, chunks: int) -> Published:
-    """Store ``payload`` as the partition's current version and complete the task, atomically.
+def current_version(rt: Runtime, company_id: int, resource: str, partition: str) -> str | None:
+    """The storage key of a partition's current version, if it has one."""
+    with rt.engine.connect() as conn:
+        return conn.execute(select(DATASETS.c.storage_key).where(
+            DATASETS.c.company_id == company_id, DATASETS.c.resource == resource,
+            DATASETS.c.partition_key == partition,
+        )).scalar_one_or_none()
+
+
+def publish(
+    rt: Runtime,
+    claim: Claim,
+    document: RenderedDocument,
+    *,
+    chunks: int,
+    raw_records: RenderedDocument | None = None,
+    bookmark: str | None = None,
+) -> Published:
+    """Store ``document`` as the partition's current version and complete the task, atomically.
 
     Same checksum as the current version → no upload, only ``synced_at`` moves (invariant 5).
-    Otherwise upload first, then ONE transaction: dataset pointer, task completed, job counters.
+    Otherwise upload first, then ONE transaction: dataset pointer (+ incremental bookmark),
+    task completed, job counters. ``raw_records`` (incremental resources) is stored beside
+    the document so the next incremental sync can merge into it.
 
     Raises:
         LeaseLost / TaskCancelled: the transaction is rolled back and nothing is published.
-        StorageError: the upload failed; nothing was committed.
+        StorageError: an upload failed; nothing was committed.
     """
-    checksum = sha256_hex(payload)
+    checksum = document.checksum
     key = storage_key(claim.company_id, claim.resource, claim.partition, checksum)
     where = (
         (DATASETS.c.company_id == claim.company_id)
         & (DATASETS.c.resource == claim.resource)
         & (DATASETS.c.partition_key == claim.partition)
     )
-    metadata = {"sha256": checksum, "record-count": str(record_count)}
+    metadata = {"sha256": checksum, "record-count": str(document.record_count)}
+
+    def upload() -> None:
+        if raw_records is not None:
+            rt.store.put(records_key(key), raw_records.open(), length=raw_records.size,
+                         content_type="application/x-ndjson", metadata={"sha256": raw_records.checksum})
+        rt.store.put(key, document.open(), length=document.size, metadata=metadata)
+
     with rt.engine.connect() as conn:
         current = conn.execute(select(DATASETS.c.checksum_sha256).where(where)).scalar_one_or_none()
     uploaded = False
     if current != checksum:
-        rt.store.put(key, payload, metadata=metadata)
+        upload()
         uploaded = True
     now = utcnow()
     with rt.engine.begin() as conn:
@@ -133,12 +163,14 @@ def publish(rt: Runtime, claim: Claim, payload: bytes, *, record_count: int, chu
             conn.execute(update(DATASETS).where(where).values(synced_at=now))
         else:
             if rt.store.stat(key) is None:
-                rt.store.put(key, payload, metadata=metadata)
+                upload()  # collected between our upload and this lock: upload again, under it
                 uploaded = True
             _upsert_dataset(conn, {
                 "company_id": claim.company_id, "resource": claim.resource, "partition_key": claim.partition,
-                "storage_key": key, "checksum_sha256": checksum, "size_bytes": len(payload),
-                "record_count": record_count, "synced_at": now, "changed_at": now,
+                "storage_key": key, "checksum_sha256": checksum, "size_bytes": document.size,
+                "record_count": document.record_count, "synced_at": now, "changed_at": now,
             })
-        finished = complete_task(conn, claim, record_count=record_count, chunks=chunks)
-    return Published(checksum, len(payload), record_count, uploaded, finished)
+        if bookmark is not None:
+            _upsert_cursor(conn, claim, bookmark, now)
+        finished = complete_task(conn, claim, record_count=document.record_count, chunks=chunks)
+    return Published(checksum, document.size, document.record_count, uploaded, finished)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from connectors import registry
-from connectors.base import Connector, FetchRequest, RateLimiter, Record, resource_spec
-from connectors.transforms import dedupe, get_transform
-from pipeline.datasets import publish, read_staged, remove_staging, serialize, stage_chunk
+from connectors.base import Connector, FetchRequest, RateLimiter, Record, ResourceSpec, resource_spec
+from connectors.transforms import get_transform, sort_key
+from pipeline.assembly import SortedRuns, read_ndjson, render_document, write_ndjson
+from pipeline.datasets import current_version, publish, records_key, remove_staging, stage_chunk, staged_part
 from pipeline.errors import ConfigError, ConnectorError, LeaseLost, PipelineError, TaskCancelled, UpstreamError
 from pipeline.jobs import Claim, claim_task, hand_off, record_attempt_failure, save_progress
+from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -112,14 +115,20 @@ def _never() -> bool:
 
 def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, should_stop: Callable[[], bool]) -> Outcome:
     spec = resource_spec(connector, claim.resource)
+    transform = get_transform(spec.transform)
     state: dict[str, Any] = dict(claim.fetch_state or {})
+    base_key = _incremental_base(rt, claim, spec) if claim.mode == "incremental" else None
+    since = state.get("since") if state else (_bookmark(rt, claim) if base_key else None)
+    if since is None:
+        base_key = None  # no bookmark yet: this incremental sync fetches everything
     chunks = claim.chunks
     fetched = int(state.get("records", 0))
     single: list[Record] | None = None
     while not state.get("done"):
         chunk = connector.fetch(FetchRequest(
             company_id=claim.company_id, external_id=claim.external_id, resource=claim.resource,
-            partition=claim.partition, state=state.get("cursor"), attempt=claim.attempts, deadline=deadline,
+            partition=claim.partition, state=state.get("cursor"), since=since, attempt=claim.attempts,
+            deadline=deadline,
         ))
         fetched += len(chunk.records)
         if chunks == 0 and chunk.done:
@@ -127,17 +136,73 @@ def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, shoul
             break
         stage_chunk(rt.store, claim.task_id, chunks, chunk.records)
         chunks += 1
-        state = {"cursor": chunk.state, "records": fetched, "done": chunk.done}
+        state = {"cursor": chunk.state, "records": fetched, "done": chunk.done, "since": since}
         save_progress(rt.engine, claim, fetch_state=state, chunks=chunks, lease_s=rt.settings.lease_seconds)
         if not chunk.done and (time.monotonic() >= deadline or should_stop()):
             reason = "worker stopping" if should_stop() else "time budget spent"
             hand_off(rt.engine, claim, note=f"continuation after chunk {chunks} ({fetched} records so far; {reason})")
             return Outcome.CONTINUE
-    records: Iterable[Record] = single if single is not None else read_staged(rt.store, claim.task_id, chunks)
-    rows = dedupe(records, spec.primary_key)
-    document = get_transform(spec.transform)(claim.company_id, claim.resource, claim.partition, rows)
-    payload = serialize(document)
-    publish(rt, claim, payload, record_count=len(rows), chunks=max(chunks, 1))
+
+    runs = SortedRuns(spec.primary_key)
+    document = raw = None
+    try:
+        if base_key is not None:
+            runs.add_sorted(lambda key=base_key: read_ndjson(rt.store.open(key)))  # type: ignore[misc]
+        if single is not None:
+            runs.add(single, spill=False)
+        else:
+            for index in range(chunks):
+                runs.add(staged_part(rt.store, claim.task_id, index))
+        bookmark = _Bookmark(spec.incremental_field)
+        document = render_document(transform, claim.company_id, claim.resource, claim.partition,
+                                   lambda: bookmark.track(runs.merged()))
+        if spec.incremental_field:
+            raw = write_ndjson(runs.merged())
+        publish(rt, claim, document, chunks=max(chunks, 1), raw_records=raw, bookmark=bookmark.value)
+    finally:
+        runs.close()
+        for spooled in (document, raw):
+            if spooled is not None:
+                spooled.close()
     if chunks:
         remove_staging(rt.store, claim.task_id)
     return Outcome.COMPLETED
+
+
+class _Bookmark:
+    """The largest value of the incremental field among the published records."""
+
+    def __init__(self, field: str | None) -> None:
+        self.field = field
+        self.best: Any = None
+
+    def track(self, records: Iterable[Record]) -> Iterator[Record]:
+        for record in records:
+            if self.field is not None:
+                value = record.get(self.field)
+                if value is not None and (self.best is None or sort_key(value) > sort_key(self.best)):
+                    self.best = value
+            yield record
+
+    @property
+    def value(self) -> str | None:
+        return None if self.best is None else str(self.best)
+
+
+def _bookmark(rt: Runtime, claim: Claim) -> str | None:
+    with rt.engine.connect() as conn:
+        return conn.execute(select(CURSORS.c.bookmark).where(
+            CURSORS.c.company_id == claim.company_id, CURSORS.c.resource == claim.resource,
+            CURSORS.c.partition_key == claim.partition,
+        )).scalar_one_or_none()
+
+
+def _incremental_base(rt: Runtime, claim: Claim, spec: ResourceSpec) -> str | None:
+    """The raw records of the current version to merge changes into, if the resource is
+    incremental and they exist; otherwise ``None`` (the sync fetches everything)."""
+    if not spec.incremental_field:
+        return None
+    current = current_version(rt, claim.company_id, claim.resource, claim.partition)
+    if current is None or rt.store.stat(records_key(current)) is None:
+        return None
+    return records_key(current)

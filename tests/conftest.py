@@ -20,6 +20,8 @@ from storage.local import LocalBlobStore
 from tests import services
 from tests.services import S3Service
 
+pytest_plugins = ["tests.fakes.fixtures"]
+
 
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> Iterator[str]:

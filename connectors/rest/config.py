@@ -11,6 +11,10 @@ Beyond the shape in issue 3, the config accepts (all optional):
 - ``paginator.limit_param`` / ``paginator.limit`` for ``cursor`` (Stripe's ``limit``).
 - ``paginator.has_more`` for ``page`` (as for ``offset``).
 - ``records`` may be omitted: the response body itself is then the list of records.
+
+Defaults: ``auth`` none, ``timeout_s`` 30, no ``rate_limit``, ``partitions`` none, ``paginator``
+none, ``params`` empty, no ``envelope``, no ``incremental``, ``transform`` identity. The
+incremental ``field`` and ``primary_key`` are top-level record keys; other paths are dotted.
 """
 
 from __future__ import annotations
@@ -188,11 +192,7 @@ class LinkPaginatorConfig(_Model):
 
 
 PaginatorConfig = Annotated[
-    NonePaginatorConfig
-    | OffsetPaginatorConfig
-    | PagePaginatorConfig
-    | CursorPaginatorConfig
-    | LinkPaginatorConfig,
+    NonePaginatorConfig | OffsetPaginatorConfig | PagePaginatorConfig | CursorPaginatorConfig | LinkPaginatorConfig,
     Field(discriminator="type"),
 ]
 

@@ -46,11 +46,19 @@ class EnvAuth(httpx.Auth):
         self.prefix = prefix
         self._environ = environ
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def secret(self) -> str:
+        """The header value now.
+
+        Raises:
+            ConfigError: the variable is unset or empty (named; the value never is).
+        """
         value = self._environ.get(self.env_var)
         if not value:
             raise ConfigError(f"rest config: auth: environment variable {self.env_var} is not set or empty")
-        request.headers[self.header] = self.prefix + value
+        return self.prefix + value
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers[self.header] = self.secret()
         yield request
 
     def __repr__(self) -> str:
@@ -113,11 +121,12 @@ class RestConnector:
             )
             self._resources[name] = _Resource(spec, resource, paginator)
         rate_limit = self.config.rate_limit
+        self._auth = _make_auth(self.config, os.environ if environ is None else environ)
         self._http = HttpClient(
             self.config.base_url,
             timeout_s=self.config.timeout_s,
             retry=self.config.retry,
-            auth=_make_auth(self.config, os.environ if environ is None else environ),
+            auth=self._auth,
             limiter=limiter,
             requests_per_second=rate_limit.requests_per_second if rate_limit else None,
             on_response=on_response,
@@ -172,6 +181,8 @@ class RestConnector:
                 and the company has none.
         """
         resource = self._resource(request.resource)
+        if self._auth is not None:
+            self._auth.secret()  # a missing secret fails before a rate-limit slot is spent
         state = dict(request.state) if request.state is not None else resource.paginator.initial_state()
         url, params = self._render(resource.config, request)
         records: list[Record] = []
@@ -181,7 +192,14 @@ class RestConnector:
         for page_number in range(self.config.pages_per_chunk):
             if page_number and request.deadline is not None and time.monotonic() + slowest > request.deadline:
                 break
-            page_url, page_params = resource.paginator.update_request(state, dict(params), url)
+            try:
+                page_url, page_params = resource.paginator.update_request(state, dict(params), url)
+            except (KeyError, TypeError, ValueError) as exc:
+                # e.g. the company's paginator changed while a task was part-way through.
+                raise ConnectorError(
+                    f"resource {resource.spec.name!r}: the saved fetch state {state!r} does not fit its "
+                    f"{resource.config.paginator.type} paginator; sync the partition again from the start"
+                ) from exc
             started = time.monotonic()
             try:
                 response = self._http.get(page_url, params=page_params, deadline=request.deadline)
@@ -203,11 +221,7 @@ class RestConnector:
                 state, more = resource.paginator.update_state(state, Page(response, body, page_records))
             except UpstreamError as exc:
                 where = f"resource {resource.spec.name!r}, partition {request.partition!r}"
-                raise UpstreamError(
-                    f"{where}, GET {response.request.url.path}: {exc}",
-                    retryable=False,
-                    status=response.status_code,
-                ) from exc
+                raise UpstreamError(f"{where}, GET {response.request.url.path}: {exc}", retryable=False) from exc
             records.extend(page_records)
             if not more:
                 done = True
@@ -220,9 +234,7 @@ class RestConnector:
         def render(template: str, *, in_path: bool) -> str:
             for name, value in values.items():
                 if value is None and uses_placeholder(template, name):
-                    raise ConfigError(
-                        f"resource {request.resource!r} uses {{{name}}} but the company has none"
-                    )
+                    raise ConfigError(f"resource {request.resource!r} uses {{{name}}} but the company has none")
             quoted = {k: quote(v, safe="") if in_path else v for k, v in values.items() if v is not None}
             return template.format(**quoted)
 
@@ -241,9 +253,7 @@ class RestConnector:
             return response.json()
         except ValueError:
             content_type = response.headers.get("Content-Type", "no Content-Type")
-            raise UpstreamError(
-                f"the response is not JSON ({content_type}): {body_excerpt(response)}"
-            ) from None
+            raise UpstreamError(f"the response is not JSON ({content_type}): {body_excerpt(response)}") from None
 
     @staticmethod
     def _read_records(resource: ResourceConfig, body: Any) -> list[Record]:
@@ -255,9 +265,7 @@ class RestConnector:
             if success is not True:
                 message = lookup(body, envelope.message) if envelope.message else MISSING
                 detail = "no message" if message is MISSING or message is None else str(message)[:1000]
-                raise UpstreamError(
-                    f"the upstream reported failure ({envelope.success}={success!r}): {detail}"
-                )
+                raise UpstreamError(f"the upstream reported failure ({envelope.success}={success!r}): {detail}")
         if resource.records is None:
             records, where = body, "the response body"
         else:
@@ -269,9 +277,7 @@ class RestConnector:
             raise UpstreamError(f"{where} is {kind}, expected a list of records")
         for index, record in enumerate(records):
             if not isinstance(record, dict):
-                raise UpstreamError(
-                    f"record #{index} in {where} is {type(record).__name__}, expected an object"
-                )
+                raise UpstreamError(f"record #{index} in {where} is {type(record).__name__}, expected an object")
             if record.get(resource.primary_key) is None:
                 raise UpstreamError(f"record #{index} in {where} has no primary key {resource.primary_key!r}")
         return records

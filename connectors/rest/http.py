@@ -168,9 +168,7 @@ class HttpClient:
             delay = retry_after if retry_after is not None else self.backoff(attempts)
             over_deadline = deadline is not None and time.monotonic() + delay > deadline
             if over_deadline or waited + delay > self.retry.max_wait_s:
-                limit = (
-                    "the time budget" if over_deadline else f"retry.max_wait_s ({self.retry.max_wait_s:g}s)"
-                )
+                limit = "the time budget" if over_deadline else f"retry.max_wait_s ({self.retry.max_wait_s:g}s)"
                 source = "Retry-After" if retry_after is not None else "backoff"
                 raise UpstreamError(
                     f"GET {path}: {problem} (gave up after {attempts} attempts: "
@@ -186,9 +184,7 @@ class HttpClient:
         path = response.request.url.path
         if 300 <= response.status_code < 400:
             location = response.headers.get("Location", "?")
-            return (
-                f"GET {path}: HTTP {response.status_code} redirect to {location} (redirects are not followed)"
-            )
+            return f"GET {path}: HTTP {response.status_code} redirect to {location} (redirects are not followed)"
         return f"GET {path}: HTTP {response.status_code}: {body_excerpt(response)}"
 
     def close(self) -> None:

@@ -176,9 +176,7 @@ class CursorPaginator:
             more = _has_more(page, self.config.has_more)
             if more and cursor is None:
                 where = self.config.cursor_path or f"the last record's {self.primary_key!r}"
-                raise UpstreamError(
-                    f"{self.config.has_more!r} is true but there is no next cursor at {where}"
-                )
+                raise UpstreamError(f"{self.config.has_more!r} is true but there is no next cursor at {where}")
         else:
             short = self.config.limit is not None and len(page.records) < self.config.limit
             more = cursor is not None and bool(page.records) and not short

@@ -76,7 +76,9 @@ def test_every_paginator_shape_of_the_issue_is_accepted() -> None:
         {"type": "link"},
     ]
     for shape in shapes:
-        registry.validate("rest", changed(lambda c, shape=shape: schedule(c).update(paginator=shape)))
+        config = copy.deepcopy(SCHEDULE_CONFIG)
+        schedule(config)["paginator"] = shape
+        registry.validate("rest", config)
 
 
 @pytest.mark.parametrize(

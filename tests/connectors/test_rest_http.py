@@ -115,8 +115,7 @@ def test_a_retry_after_past_the_deadline_fails_at_once_as_retryable(stripe_api: 
     started = time.monotonic()
     with pytest.raises(UpstreamError) as caught:
         connector.fetch(
-            FetchRequest(company_id=1, external_id=None, resource="customers", partition="all",
-                         deadline=started + 5)
+            FetchRequest(company_id=1, external_id=None, resource="customers", partition="all", deadline=started + 5)
         )
     connector.close()
     assert time.monotonic() - started < 2
@@ -281,8 +280,13 @@ def test_incremental_sync_asks_only_for_changes_and_merges_to_the_full_result(cl
                 "path": "/api/v1/lead/",
                 "records": "data",
                 "primary_key": "id",
-                "paginator": {"type": "offset", "offset_param": "_skip", "limit_param": "_limit", "limit": 4,
-                              "has_more": "has_more"},
+                "paginator": {
+                    "type": "offset",
+                    "offset_param": "_skip",
+                    "limit_param": "_limit",
+                    "limit": 4,
+                    "has_more": "has_more",
+                },
                 "incremental": {"param": "updated_since", "field": "updated_at"},
             }
         },

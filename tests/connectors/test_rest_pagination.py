@@ -12,9 +12,9 @@ import pytest
 from connectors.base import FetchRequest
 from connectors.rest import RestConnector
 from connectors.transforms import dedupe, schedule
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ConnectorError
 from tests.connectors.support import drain, records_of
-from tests.fakes.upstreams import FakeUpstream, ScheduleApi, StripeApi, _ListApi
+from tests.fakes.upstreams import CloseApi, FakeUpstream, ScheduleApi, StripeApi, _ListApi
 
 DAY = "2024-05-01"
 PAGES_PER_CHUNK = 3
@@ -172,8 +172,9 @@ def test_a_chunk_past_its_deadline_stops_after_one_page(stripe_api: StripeApi) -
     connector = RestConnector({"base_url": stripe_api.base_url, "resources": {"customers": resource}})
     try:
         chunk = connector.fetch(
-            FetchRequest(company_id=1, external_id=None, resource="customers", partition="all",
-                         deadline=time.monotonic())
+            FetchRequest(
+                company_id=1, external_id=None, resource="customers", partition="all", deadline=time.monotonic()
+            )
         )
     finally:
         connector.close()
@@ -197,3 +198,15 @@ def test_external_id_and_partition_are_filled_into_params(schedule_api: Schedule
     }
     with pytest.raises(ConfigError, match=r"uses \{external_id\} but the company has none"):
         drain(config, "schedule", DAY, external_id=None)
+
+
+def test_a_saved_state_that_does_not_fit_the_paginator_is_a_clear_error(close_api: CloseApi) -> None:
+    resource = CASES["offset with has_more"].resource
+    connector = RestConnector({"base_url": close_api.base_url, "resources": {"leads": resource}})
+    request = FetchRequest(company_id=1, external_id=None, resource="leads", partition="all", state={"page": 3})
+    try:
+        with pytest.raises(ConnectorError, match="does not fit its offset paginator"):
+            connector.fetch(request)
+    finally:
+        connector.close()
+    assert close_api.requests == []

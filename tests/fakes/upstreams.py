@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
@@ -394,18 +394,23 @@ class ScheduleApi(FakeUpstream):
 
     def _malformed_body(self, variant: MalformedVariant) -> Any:
         if variant == "not_list":
-            return {"IsSuccess": True, "Result": "Object reference not set to an instance of an object.", "Message": None}
+            return {
+                "IsSuccess": True,
+                "Result": "Object reference not set to an instance of an object.",
+                "Message": None,
+            }
         return {"IsSuccess": True, "Message": None}
 
 
 class _ListApi(FakeUpstream):
     """A fake whose dataset is one list of ``count`` records made by ``make_record``."""
 
-    make_record: ClassVar[Callable[[int], Record]]
+    def make_record(self, index: int) -> Record:
+        raise NotImplementedError
 
     def records(self) -> list[Record]:
         """Every record as the API currently serves them, in its order."""
-        base = [{**type(self).make_record(index), "updated_at": iso(BASE_UPDATED_AT)} for index in range(self.count)]
+        base = [{**self.make_record(index), "updated_at": iso(BASE_UPDATED_AT)} for index in range(self.count)]
         return self._apply_changes(base)
 
 
@@ -422,7 +427,8 @@ def _customer(index: int) -> Record:
 class StripeApi(_ListApi):
     """Stripe-style list and search endpoints for customers."""
 
-    make_record = staticmethod(_customer)
+    def make_record(self, index: int) -> Record:
+        return _customer(index)
 
     def route(self, path: str, params: dict[str, str]) -> Reply:
         if path == "/v1/customers":
@@ -484,7 +490,8 @@ def _lead(index: int) -> Record:
 class CloseApi(_ListApi):
     """Close-style leads: ``_skip``/``_limit`` (capped at 200), ``data``, ``has_more``."""
 
-    make_record = staticmethod(_lead)
+    def make_record(self, index: int) -> Record:
+        return _lead(index)
 
     def route(self, path: str, params: dict[str, str]) -> Reply:
         if path != "/api/v1/lead/":
@@ -512,7 +519,8 @@ def _item(index: int) -> Record:
 class LinkApi(_ListApi):
     """GitHub-style items: ``page``/``per_page``, a list body, ``Link`` headers with absolute URLs."""
 
-    make_record = staticmethod(_item)
+    def make_record(self, index: int) -> Record:
+        return _item(index)
 
     def route(self, path: str, params: dict[str, str]) -> Reply:
         if path != "/items":

@@ -1,0 +1,179 @@
+"""Assembling a document from its chunks in bounded memory.
+
+Each chunk becomes one run sorted by primary key (in memory when there is a single chunk,
+else in a temporary NDJSON file); the runs are merged with ``heapq.merge``, keeping the record
+from the latest run for each key (later chunks and incremental changes win). The document is
+rendered in a stream into a spooled temporary file while it is hashed, so a partition of a
+million records needs memory for one chunk, not for the document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, cast
+
+import orjson
+
+from connectors.base import Record
+from connectors.transforms import TransformSpec, render, sort_key
+from pipeline.errors import UpstreamError
+
+SPOOL_BYTES = 8 * 1024 * 1024
+
+
+def _key_of(record: Any, primary_key: str, position: int) -> Any:
+    if not isinstance(record, dict):
+        raise UpstreamError(f"record #{position} is {type(record).__name__}, expected an object")
+    value = record.get(primary_key)
+    if value is None:
+        raise UpstreamError(f"record #{position} has no primary key {primary_key!r}")
+    return value
+
+
+@dataclass
+class SortedRuns:
+    """Runs of records sorted by primary key, merged and deduplicated on read."""
+
+    primary_key: str
+    directory: str | None = None
+    _memory: list[list[Record]] = field(default_factory=list)
+    _sources: list[Callable[[], Iterable[Record]]] = field(default_factory=list)
+    _files: list[str] = field(default_factory=list)
+    _seen: int = 0
+
+    def add_sorted(self, source: Callable[[], Iterable[Record]]) -> None:
+        """Add a run that is already sorted and deduplicated by key, read afresh on every merge
+        (e.g. the raw records of the current version, streamed from the blob store)."""
+        self._sources.append(source)
+
+    def add(self, records: Iterable[Record], *, spill: bool = True) -> None:
+        """Add one run (e.g. one chunk); within it the last record of each key wins."""
+        by_key: dict[Any, Record] = {}
+        for record in records:
+            by_key[_key_of(record, self.primary_key, self._seen)] = record
+            self._seen += 1
+        run = [by_key[key] for key in sorted(by_key, key=sort_key)]
+        if not spill:
+            self._memory.append(run)
+            return
+        handle, path = tempfile.mkstemp(prefix="run-", suffix=".ndjson", dir=self.directory)
+        with os.fdopen(handle, "wb") as out:
+            for record in run:
+                out.write(orjson.dumps(record) + b"\n")
+        self._files.append(path)
+
+    def _read(self, path: str) -> Iterator[Record]:
+        with open(path, "rb") as source:
+            for line in source:
+                yield orjson.loads(line)
+
+    def merged(self) -> Iterator[Record]:
+        """Every key once, in key order, from the latest run that has it."""
+        # Order matters: later runs win. Sorted sources (the previous version) come first.
+        runs: list[Iterable[Record]] = [
+            *(source() for source in self._sources), *self._memory, *(self._read(path) for path in self._files)
+        ]
+        if len(runs) == 1:
+            yield from runs[0]
+            return
+        # Merge on (key, -run): the latest run's record of a key comes first; the rest are dropped.
+        def tag(index: int, run: Iterable[Record]) -> Iterator[tuple[tuple[Any, int], Record]]:
+            for record in run:
+                yield (sort_key(record[self.primary_key]), -index), record
+
+        last: Any = object()
+        for (key, _), record in heapq.merge(*(tag(i, run) for i, run in enumerate(runs)), key=lambda item: item[0]):
+            if key != last:
+                last = key
+                yield record
+
+    def close(self) -> None:
+        for path in self._files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._files.clear()
+        self._memory.clear()
+        self._sources.clear()
+
+
+@dataclass
+class RenderedDocument:
+    """A rendered document: its SHA-256, size and record count, and the bytes in a spooled file."""
+
+    checksum: str
+    size: int
+    record_count: int
+    file: BinaryIO
+
+    def open(self) -> BinaryIO:
+        self.file.seek(0)
+        return self.file
+
+    def read(self) -> bytes:
+        return self.open().read()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def render_document(
+    spec: TransformSpec, company_id: int, resource: str, partition: str,
+    records: Callable[[], Iterable[Record]], *, directory: str | None = None,
+) -> RenderedDocument:
+    """Render and hash the document in one stream; small documents never touch the disk."""
+    digest = hashlib.sha256()
+    size = 0
+    out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=directory)
+    count = 0
+
+    def counted() -> Iterator[Record]:
+        nonlocal count
+        count = 0
+        for record in records():
+            count += 1
+            yield record
+
+    try:
+        for block in render(spec, company_id, resource, partition, counted):
+            digest.update(block)
+            out.write(block)
+            size += len(block)
+    except BaseException:
+        out.close()
+        raise
+    return RenderedDocument(checksum=digest.hexdigest(), size=size, record_count=count, file=cast(BinaryIO, out))
+
+
+def write_ndjson(records: Iterable[Record], *, directory: str | None = None) -> RenderedDocument:
+    """Spool records as NDJSON (the raw records kept beside an incremental resource's document)."""
+    digest = hashlib.sha256()
+    size = count = 0
+    out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=directory)
+    for record in records:
+        line = orjson.dumps(record, option=orjson.OPT_SORT_KEYS) + b"\n"
+        digest.update(line)
+        out.write(line)
+        size += len(line)
+        count += 1
+    return RenderedDocument(checksum=digest.hexdigest(), size=size, record_count=count, file=cast(BinaryIO, out))
+
+
+def read_ndjson(blocks: Iterable[bytes]) -> Iterator[Record]:
+    """Parse NDJSON from a stream of byte blocks (lines may span blocks)."""
+    pending = b""
+    for block in blocks:
+        pending += block
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            if line:
+                yield orjson.loads(line)
+    if pending.strip():
+        yield orjson.loads(pending)
