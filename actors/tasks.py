@@ -9,6 +9,7 @@ import dramatiq
 
 from actors.shutdown import graceful_stop
 from pipeline.execution import Outcome, RetryTask, run_task
+from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
 SYNC_PARTITION = "sync_partition"
@@ -53,11 +54,13 @@ def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
     """
     queue = runtime.settings.queue_name
     should_stop = graceful_stop(broker).should_stop
+    # One limiter per process: on PostgreSQL it spaces requests across every worker on every host.
+    limiter = make_rate_limiter(runtime.engine)
     holder: dict[str, dramatiq.Actor[[int], None]] = {}
 
     def run(task_id: int, actor_name: str) -> None:
         try:
-            outcome = run_task(runtime, task_id, should_stop=should_stop)
+            outcome = run_task(runtime, task_id, limiter=limiter, should_stop=should_stop)
         except RetryTask as exc:
             # dramatiq.Retry: the Retries middleware backs off and re-sends, without an error log.
             raise dramatiq.Retry(str(exc)) from exc

@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -386,7 +386,7 @@ async def job_event_stream(
     *,
     keepalive_s: float = 15.0,
     task_limit: int = 10_000,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """The events of one job, from a snapshot to its final state (see ``Event``).
 
     The first event is produced before any waiting, so a caller can pull it to find out

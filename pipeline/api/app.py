@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pipeline.api import read
+from pipeline.api import companies, control, metrics, read
 from pipeline.api.deps import ApiState
 from pipeline.api.errors import install_error_handlers
 from pipeline.runtime import Runtime
@@ -77,6 +77,12 @@ def create_app(
     app.state.api = state
     install_error_handlers(app)
     app.include_router(read.router)
+    # Without an admin key the control endpoints answer 503 and are left out of the schema.
+    control_enabled = bool(runtime.settings.admin_api_key)
+    app.include_router(control.router, include_in_schema=control_enabled)
+    app.include_router(companies.router, include_in_schema=control_enabled)
+    app.include_router(metrics.router)
+    app.add_middleware(metrics.RequestLatency)
     return app
 
 

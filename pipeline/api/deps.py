@@ -4,9 +4,10 @@ Everything the routers need hangs off one ``ApiState`` at ``app.state.api``; rou
 through the ``Annotated`` aliases below (``State``, ``CurrentPrincipal``), never via globals.
 
 Metadata (company rows with their toggles and connector resources, dataset rows, listings) is
-cached per process for ``metadata_ttl_s`` (default 1 s), so a toggle change or a newly
-published version is visible within that time plus one database round trip. Concurrent misses
-for one key share a single load. Object bytes live in a size-bounded LRU keyed by checksum
+cached per process: fresh for ``metadata_ttl_s`` (default 1 s), then served at most as long
+again while a background load refreshes it, so a toggle change or a newly published version is
+visible within ``2 × metadata_ttl_s`` plus one database round trip, and no request waits for a
+refresh. Concurrent misses for one key share a single load. Object bytes live in a size-bounded LRU keyed by checksum
 (``storage.cache``), and filtered bodies in another keyed by (checksum, view).
 """
 
@@ -47,35 +48,40 @@ MAX_PARTITION_LENGTH = 200  # datasets.partition_key is VARCHAR(200)
 
 
 class TTLCache(Generic[K, V]):
-    """A bounded map whose entries expire ``ttl_s`` after they were stored.
+    """A bounded map whose entries are fresh for ``ttl_s``, then usable for ``stale_s`` more.
 
-    ``get_or_load`` is called on the event loop: concurrent misses for one key await a single
-    load, which runs in the threadpool because loads block (database, store).
+    ``get_or_load`` runs on the event loop. A fresh entry is returned as is. A stale one is
+    returned too, while one background load refreshes it, so no request waits on the database
+    just because an entry aged: an entry is never served more than ``ttl_s + stale_s`` plus one
+    load after it was read. Past that, or on a miss, callers wait, and concurrent callers for
+    one key share a single load. Loads run in the threadpool because they block.
     """
 
-    def __init__(self, ttl_s: float, max_entries: int) -> None:
+    def __init__(self, ttl_s: float, max_entries: int, *, stale_s: float | None = None) -> None:
         self.ttl_s = ttl_s
+        self.stale_s = ttl_s if stale_s is None else stale_s
         self.max_entries = max_entries
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[K, asyncio.Future[V]] = {}
 
-    def lookup(self, key: K) -> tuple[bool, V | None]:
-        """Return ``(True, value)`` for a fresh entry, ``(False, None)`` otherwise."""
+    def lookup(self, key: K) -> tuple[float, V] | None:
+        """Return ``(age in seconds, value)``, or ``None`` when absent or too old to serve."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                return False, None
-            expires, value = entry
-            if time.monotonic() >= expires:
+                return None
+            stored, value = entry
+            age = time.monotonic() - stored
+            if age >= self.ttl_s + self.stale_s:
                 del self._entries[key]
-                return False, None
-            return True, value
+                return None
+            return age, value
 
     def put(self, key: K, value: V) -> None:
         with self._lock:
             self._entries.pop(key, None)
-            self._entries[key] = (time.monotonic() + self.ttl_s, value)
+            self._entries[key] = (time.monotonic(), value)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
@@ -84,16 +90,29 @@ class TTLCache(Generic[K, V]):
             self._entries.clear()
 
     async def get_or_load(self, key: K, load: Callable[[], V]) -> V:
-        hit, value = self.lookup(key)
-        if hit:
-            return value  # type: ignore[return-value]
+        found = self.lookup(key)
+        if found is not None:
+            age, value = found
+            if age >= self.ttl_s:
+                self._start_load(key, load)
+            return value
+        # Shielded: a caller that disconnects must not cancel the load others wait for.
+        return await asyncio.shield(self._start_load(key, load))
+
+    def _start_load(self, key: K, load: Callable[[], V]) -> asyncio.Future[V]:
         pending = self._loading.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._load(key, load))
             self._loading[key] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(key, None))
-        # Shielded: a caller that disconnects must not cancel the load others wait for.
-        return await asyncio.shield(pending)
+            pending.add_done_callback(lambda done: self._finished(key, done))
+        return pending
+
+    def _finished(self, key: K, done: asyncio.Future[V]) -> None:
+        self._loading.pop(key, None)
+        if not done.cancelled() and done.exception() is not None:
+            # Callers that waited got the error; a background refresh only logs it, and the
+            # stale entry keeps serving until it is too old.
+            log.debug("cache load for %r failed: %s", key, done.exception())
 
     async def _load(self, key: K, load: Callable[[], V]) -> V:
         value = await run_in_threadpool(load)

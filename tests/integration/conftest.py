@@ -66,9 +66,10 @@ def _truncate(rt: Runtime) -> None:
 
 
 @pytest.fixture
-def stack(make_settings: Callable[..., Settings]) -> Iterator[Runtime]:
-    """A runtime on PostgreSQL + S3 with empty tables."""
-    rt = Runtime.from_settings(make_settings())
+def stack(make_settings: Callable[..., Settings], request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    """A runtime on PostgreSQL + S3 with empty tables; ``@pytest.mark.settings(**overrides)`` changes it."""
+    marker = request.node.get_closest_marker("settings")
+    rt = Runtime.from_settings(make_settings(**(marker.kwargs if marker else {})))
     _truncate(rt)
     try:
         yield rt

@@ -1,0 +1,334 @@
+"""The control API: start syncs, watch jobs (status with ETA, live events, logs), cancel, retry.
+
+Every endpoint here and in ``pipeline.api.companies`` needs the admin key: header
+``X-API-Key`` equal to ``PIPELINE_ADMIN_API_KEY``. Without that setting they answer 503 (the
+control API is off), never open.
+
+Planning and enqueueing block (database, RabbitMQ through pika, which is not thread-safe), so
+those endpoints are plain ``def``: they run in the threadpool, and Dramatiq's RabbitMQ broker
+keeps one connection per thread. The event stream is ``async``: it waits on the process's one
+LISTEN connection (``pipeline.events``) and blocks only to read snapshots, in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from starlette.exceptions import HTTPException
+from starlette.responses import Response, StreamingResponse
+
+from pipeline.api.deps import State, api_state
+from pipeline.api.errors import ErrorBody, error_response
+from pipeline.control import (
+    CancelResult,
+    InvalidJobState,
+    JobDetail,
+    JobSummary,
+    LogEntry,
+    RetryResult,
+    TooManyJobs,
+    cancel_job,
+    job_detail,
+    job_logs,
+    list_jobs,
+    retry_job,
+    submit_job,
+)
+from pipeline.dispatch import Dispatcher
+from pipeline.errors import ConfigError, NotFound
+from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
+from pipeline.runtime import Runtime
+
+ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
+MAX_ID = 2**63 - 1
+JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]  # pipeline.models.STATUSES
+
+# --- per-app state -----------------------------------------------------------------------------
+
+
+class ControlState:
+    """What the control endpoints need beyond ``ApiState``: a dispatcher and the event feed.
+
+    Both are built on first use (an app that only serves reads never connects to RabbitMQ).
+    Without ``PIPELINE_BROKER_URL`` (the embedded default) the dispatcher is Dramatiq's
+    in-process broker with a worker running in this process, so a sync started over HTTP runs.
+
+    Parameters:
+        runtime: the app's runtime.
+        dispatcher: use this instead of building one (tests, embedding); not closed here.
+        feed: use this event feed instead of building one; not closed here.
+    """
+
+    def __init__(self, runtime: Runtime, *, dispatcher: Dispatcher | None = None,
+                 feed: JobFeed | None = None) -> None:
+        self.runtime = runtime
+        self._dispatcher = dispatcher
+        self._feed = feed
+        self._owned_feed: JobFeed | None = None
+        self._lock = threading.Lock()
+        self._resources = contextlib.ExitStack()
+
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher, built on the first call (blocking; call it from a worker thread)."""
+        with self._lock:
+            if self._dispatcher is None:
+                from actors.broker import make_broker
+                from actors.tasks import declare_actors
+
+                settings = self.runtime.settings
+                broker = make_broker(settings)
+                self._resources.callback(broker.close)
+                actors = declare_actors(broker, self.runtime)
+                if not settings.broker_url:
+                    from actors.inprocess import running_worker
+
+                    self._resources.enter_context(running_worker(broker, threads=settings.worker_threads))
+                self._dispatcher = actors
+            return self._dispatcher
+
+    def feed(self) -> JobFeed:
+        """The event feed (call on the event loop): one per app, built on first use."""
+        if self._feed is None:
+            self._feed = self._owned_feed = make_feed(self.runtime.engine)
+        return self._feed
+
+    async def aclose(self) -> None:
+        if self._owned_feed is not None:
+            await self._owned_feed.aclose()
+        # Stopping an in-process worker joins its threads: not on the event loop.
+        await asyncio.to_thread(self._resources.close)
+
+
+def control_state(request: Request) -> ControlState:
+    """The app's ``ControlState`` (``app.state.control``), created on first use."""
+    app_state = request.app.state
+    control: ControlState | None = getattr(app_state, "control", None)
+    if control is None:
+        control = app_state.control = ControlState(api_state(request).runtime)
+    return control
+
+
+async def get_control(request: Request) -> ControlState:
+    return control_state(request)
+
+
+Control = Annotated[ControlState, Depends(get_control)]
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        control: ControlState | None = getattr(app.state, "control", None)
+        if control is not None:
+            await control.aclose()
+
+
+# --- admin key ---------------------------------------------------------------------------------
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"The value of {ADMIN_KEY_SETTING}.")
+
+
+async def require_admin(request: Request, key: Annotated[str | None, Depends(api_key_header)]) -> None:
+    """Let the request through only with the admin key.
+
+    Raises:
+        HTTPException: 503 when no admin key is configured, 401 when it is missing or wrong.
+    """
+    expected = api_state(request).runtime.settings.admin_api_key
+    if not expected:
+        raise HTTPException(503, f"the control API is disabled: {ADMIN_KEY_SETTING} is not set")
+    if not key:
+        raise HTTPException(401, "missing X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
+    if not secrets.compare_digest(key.encode(), expected.encode()):
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "X-API-Key"})
+
+
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key"},
+    422: {"model": ErrorBody, "description": "Invalid request; the message names the field"},
+    503: {"model": ErrorBody, "description": f"{ADMIN_KEY_SETTING} is not set, or the database is unavailable"},
+}
+
+router = APIRouter(tags=["control"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES,
+                   lifespan=lifespan)
+
+# --- start a sync ------------------------------------------------------------------------------
+
+CompanyId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
+ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class SyncRequest(BaseModel):
+    """What to sync; every list narrows the scope, and an omitted one means all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    company_ids: list[CompanyId] | None = Field(default=None, max_length=100_000)
+    resources: list[ResourceName] | None = Field(default=None, max_length=1000)
+    partitions: list[PartitionKey] | None = Field(default=None, max_length=10_000)
+    mode: Literal["full", "incremental"] = "full"
+    priority: Literal["high", "normal"] | None = None
+
+
+class SyncAccepted(BaseModel):
+    job_id: uuid.UUID
+    status: str
+    total_tasks: int
+    resource_types: list[str]
+    status_url: str
+    events_url: str
+
+
+@router.post(
+    "/sync",
+    status_code=202,
+    response_model=SyncAccepted,
+    responses={429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"}},
+    summary="Start a sync: plans the job and queues its tasks, answers before any task runs",
+)
+def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
+    settings = state.runtime.settings
+    try:
+        planned = submit_job(
+            state.runtime.engine, control.dispatcher(), trigger="api", max_unfinished=settings.max_unfinished_jobs,
+            mode=body.mode, company_ids=body.company_ids, resources=body.resources, partitions=body.partitions,
+            priority=body.priority,
+        )
+    except TooManyJobs as exc:
+        return error_response(429, "too_many_jobs", str(exc))
+    except NotFound as exc:
+        return error_response(422, "unknown_company", str(exc))
+    except ConfigError as exc:
+        return error_response(422, "invalid_request", str(exc))
+    job = str(planned.job_id)
+    return SyncAccepted(
+        job_id=planned.job_id, status="pending" if planned.total_tasks else "completed",
+        total_tasks=planned.total_tasks, resource_types=planned.resources,
+        status_url=f"/sync/jobs/{job}", events_url=f"/sync/jobs/{job}/events",
+    )
+
+
+# --- watch jobs --------------------------------------------------------------------------------
+
+
+@router.get("/sync/jobs", response_model=list[JobSummary], summary="Recent jobs, newest first")
+def get_jobs(
+    state: State,
+    status: Annotated[JobStatus | None, Query()] = None,
+    company_id: Annotated[int | None, Query(gt=0, le=MAX_ID)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> Any:
+    return list_jobs(state.runtime.engine, status=status, company_id=company_id, limit=limit)
+
+
+@router.get(
+    "/sync/jobs/{job_id}",
+    response_model=JobDetail,
+    responses={404: {"model": ErrorBody, "description": "No such job"}},
+    summary="A job's status, progress with ETA, and tasks",
+)
+def get_job(
+    job_id: uuid.UUID, state: State, task_limit: Annotated[int, Query(ge=0, le=100_000)] = 1000
+) -> Any:
+    return job_detail(state.runtime.engine, job_id=job_id, task_limit=task_limit)
+
+
+@router.get(
+    "/sync/jobs/{job_id}/logs",
+    response_model=list[LogEntry],
+    responses={404: {"model": ErrorBody, "description": "No such job"}},
+    summary="A job's log: attempt errors, retries, continuations, cancellations",
+)
+def get_job_logs(
+    job_id: uuid.UUID,
+    state: State,
+    after_id: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+    level: Annotated[Literal["debug", "info", "warning", "error"] | None, Query()] = None,
+) -> Any:
+    return job_logs(state.runtime.engine, job_id=job_id, after_id=after_id, limit=limit, level=level)
+
+
+def _sse(event_id: int, event: Event) -> bytes:
+    name, data = event
+    if name == "keepalive":
+        return b": keepalive\n\n"
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), orjson.dumps(data))
+
+
+@router.get(
+    "/sync/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}},
+              "description": "Server-Sent Events: snapshot, then task / progress events, then end"},
+        404: {"model": ErrorBody, "description": "No such job"},
+    },
+    summary="Live events of a job (Server-Sent Events), ending with its final state",
+)
+async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> Response:
+    stream = job_event_stream(state.runtime.engine, control.feed(), job_id)
+    try:
+        first = await anext(stream)
+    except FeedUnavailable as exc:
+        return error_response(503, "events_unavailable", str(exc))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield _sse(1, first)
+            number = 1
+            async for event in stream:
+                number += 1
+                yield _sse(number, event)
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# --- cancel and retry --------------------------------------------------------------------------
+
+
+@router.post(
+    "/sync/jobs/{job_id}/cancel",
+    response_model=CancelResult,
+    responses={404: {"model": ErrorBody, "description": "No such job"},
+               409: {"model": ErrorBody, "description": "The job has already finished"}},
+    summary="Cancel a job: pending tasks at once, running ones at their next chunk boundary",
+)
+def post_cancel(job_id: uuid.UUID, state: State) -> Any:
+    try:
+        return cancel_job(state.runtime.engine, job_id=job_id, requested_by="api")
+    except InvalidJobState as exc:
+        return error_response(409, "conflict", str(exc))
+
+
+@router.post(
+    "/sync/jobs/{job_id}/retry",
+    status_code=202,
+    response_model=RetryResult,
+    responses={404: {"model": ErrorBody, "description": "No such job"},
+               409: {"model": ErrorBody, "description": "The job is still running or has nothing to retry"}},
+    summary="Retry a finished job's failed and cancelled tasks",
+)
+def post_retry(job_id: uuid.UUID, state: State, control: Control) -> Any:
+    try:
+        return retry_job(state.runtime.engine, control.dispatcher(), job_id=job_id, requested_by="api")
+    except InvalidJobState as exc:
+        return error_response(409, "conflict", str(exc))
