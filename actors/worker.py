@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from actors.broker import make_broker
+from actors.middleware import WorkerMetrics
 from actors.tasks import declare_actors
 from pipeline.runtime import Runtime
 from pipeline.settings import load_settings
@@ -17,4 +18,5 @@ settings = load_settings()
 logging.getLogger("pipeline").setLevel(settings.log_level)
 runtime = Runtime.from_settings(settings)
 broker = make_broker(settings)
+broker.add_middleware(WorkerMetrics())
 actors = declare_actors(broker, runtime)

@@ -299,7 +299,7 @@ def _wrk_ms(value: str) -> float:
 
 
 def run_wrk(name: str, url: str, headers: dict[str, str], connections: int, duration: float) -> Result:
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s"]
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s"]
     for key, value in headers.items():
         command += ["-H", f"{key}: {value}"]
     output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -191,10 +193,8 @@ def run_sync(
 ) -> JobProgress | None:
     """Plan a job; on the embedded default run it in-process, else optionally wait for it."""
     from actors.broker import make_broker
-    from actors.inprocess import running_worker
     from actors.tasks import declare_actors
     from pipeline.planning import plan_job
-    from pipeline.progress import wait_for_job
 
     broker = make_broker(rt.settings)
     actors = declare_actors(broker, rt)
@@ -207,17 +207,27 @@ def run_sync(
                   f"{', '.join(f'{k}×{v}' for k, v in sorted(planned.partitions_by_resource.items()))}")
         if rt.settings.broker_url and not wait:
             return None
-        with make_progress() as progress:
-            show = progress_printer(progress, planned.total_tasks)
-            if rt.settings.broker_url:
-                final = wait_for_job(rt.engine, planned.job_id, on_progress=show)
-            else:
-                with running_worker(broker, threads=rt.settings.worker_threads):
-                    final = wait_for_job(rt.engine, planned.job_id, on_progress=show, interval_s=0.1)
-        report_finished(final)
-        return final
+        return watch_job(rt, broker, planned.job_id, total_hint=planned.total_tasks)
     finally:
         broker.close()
+
+
+def watch_job(rt: Runtime, broker: Any, job_id: uuid.UUID, *, total_hint: int) -> JobProgress:
+    """Show a job's progress until it ends: from the LISTEN/NOTIFY feed on PostgreSQL (polling on
+    SQLite); on the embedded default the job runs in an in-process worker meanwhile."""
+    from actors.inprocess import running_worker
+    from pipeline.events import wait_for_job_events
+    from pipeline.progress import wait_for_job
+
+    with make_progress() as progress:
+        show = progress_printer(progress, total_hint)
+        if rt.settings.broker_url:
+            final = wait_for_job_events(rt.engine, job_id, on_progress=show)
+        else:
+            with running_worker(broker, threads=rt.settings.worker_threads):
+                final = wait_for_job(rt.engine, job_id, on_progress=show, interval_s=0.1)
+    report_finished(final)
+    return final
 
 
 @app.command()
@@ -241,20 +251,36 @@ def worker(
     threads: Annotated[int | None, typer.Option(min=1, max=64, help="Threads per process.")] = None,
 ) -> None:
     """Run a worker fleet on the RabbitMQ broker (Dramatiq; SIGTERM finishes the chunk in hand)."""
-    import dramatiq.cli
-
     s = settings()
     if not s.broker_url:
         raise fail("PIPELINE_BROKER_URL is not set: workers need RabbitMQ (the embedded default runs "
                    "work inside `pipeline sync` / `pipeline demo`)")
     threads = threads or s.worker_threads
     # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
-    # this variable when its worker module is imported in the child processes).
+    # this variable when it is first imported).
     os.environ["dramatiq_queue_prefetch"] = str(threads)
+    import dramatiq.cli  # after the variable is set: Dramatiq reads it when first imported
+
     args = dramatiq.cli.make_argument_parser().parse_args(  # type: ignore[no-untyped-call]
         ["actors.worker", "--processes", str(processes), "--threads", str(threads)]
     )
-    sys.exit(dramatiq.cli.main(args))  # type: ignore[no-untyped-call]
+    metrics_dir = None
+    if s.metrics_port:
+        # prometheus_client picks multiprocess mode when first imported: name the directory
+        # before anything imports it, so every worker process forked below writes there, and
+        # this process serves their sum (see actors/middleware.py).
+        metrics_dir = tempfile.mkdtemp(prefix="pipeline-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        from actors.middleware import serve_fleet_metrics
+
+        serve_fleet_metrics(s.metrics_port, metrics_dir)
+        err.print(f"worker metrics on http://0.0.0.0:{s.metrics_port}/metrics")
+    try:
+        code = dramatiq.cli.main(args)  # type: ignore[no-untyped-call]
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    sys.exit(code)
 
 
 @app.command()
@@ -361,6 +387,75 @@ def jobs_show(job_id: str) -> None:
         table.add_row(str(t.id), str(t.company_id), t.resource, t.partition_key, t.status, str(t.attempts),
                       str(t.chunks), str(t.record_count), (t.error_message or "")[:80])
     out.print(table)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a job: pending tasks at once, running ones at their next chunk boundary."""
+    from pipeline.control import cancel_job
+
+    jid = parse_job_id(job_id)
+    with runtime() as rt:
+        result = cancel_job(rt.engine, job_id=jid, requested_by="cli")
+    err.print(f"job {jid} cancelled: {result.cancelled_tasks} open task(s) cancelled")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: str,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
+) -> None:
+    """Send a finished job's failed and cancelled tasks back to work. Without a broker it runs
+    them in-process and waits."""
+    from actors.broker import make_broker
+    from actors.tasks import declare_actors
+    from pipeline.control import retry_job
+
+    jid = parse_job_id(job_id)
+    with runtime() as rt:
+        broker = make_broker(rt.settings)
+        try:
+            result = retry_job(rt.engine, declare_actors(broker, rt), job_id=jid, requested_by="cli")
+            err.print(f"job {jid}: {result.retried_tasks} task(s) sent back to work ({result.priority} priority)")
+            final = None
+            if wait or not rt.settings.broker_url:
+                final = watch_job(rt, broker, jid, total_hint=result.retried_tasks)
+        finally:
+            broker.close()
+    if final is not None and final.status != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes (one per core is a good start).")] = 1,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log one line per request.")] = False,
+) -> None:
+    """Serve the read and control API with uvicorn."""
+    from pipeline.api.serve import serve as run_server
+
+    s = settings()
+    with errors_to_exit():
+        run_server(s, host=host, port=port, workers=workers, access_log=access_log)
+
+
+@app.command()
+def token(
+    company: Annotated[int, typer.Option("--company", help="Company id the token is for.")],
+    role: Annotated[str, typer.Option(help="admin, manager or technician.")],
+    employee_id: Annotated[str | None, typer.Option(help="Required for technicians.")] = None,
+    ttl: Annotated[int, typer.Option(min=1, help="Lifetime in seconds.")] = 3600,
+    subject: Annotated[str | None, typer.Option(help="The token's sub claim.")] = None,
+) -> None:
+    """Print a signed JWT for the read API (HS256 with PIPELINE_JWT_SECRET)."""
+    from pipeline.auth import issue_token
+
+    s = settings()
+    with errors_to_exit():
+        out.print(issue_token(s, company_id=company, role=role, employee_id=employee_id, ttl_s=ttl,
+                              subject=subject), soft_wrap=True)
 
 
 @app.command()

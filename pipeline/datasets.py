@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from pipeline import metrics
 from pipeline.assembly import RenderedDocument, read_ndjson
 from pipeline.jobs import Claim, complete_task
 from pipeline.models import CURSORS, DATASETS, utcnow
@@ -173,4 +174,5 @@ def publish(
         if bookmark is not None:
             _upsert_cursor(conn, claim, bookmark, now)
         finished = complete_task(conn, claim, record_count=document.record_count, chunks=chunks)
+    metrics.published(claim.resource, records=document.record_count, size=document.size, uploaded=uploaded)
     return Published(checksum, document.size, document.record_count, uploaded, finished)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from connectors import registry
 from connectors.base import Connector, FetchRequest, RateLimiter, Record, ResourceSpec, resource_spec
 from connectors.transforms import get_transform, sort_key
+from pipeline import metrics
 from pipeline.assembly import SortedRuns, read_ndjson, render_document, write_ndjson
 from pipeline.datasets import current_version, publish, records_key, remove_staging, stage_chunk, staged_part
 from pipeline.errors import ConfigError, ConnectorError, LeaseLost, PipelineError, TaskCancelled, UpstreamError
@@ -76,15 +77,19 @@ def run_task(
     claim = claim_task(rt.engine, task_id, lease_s=settings.lease_seconds)
     if claim is None:
         return Outcome.SKIPPED
-    deadline = time.monotonic() + settings.task_time_budget_s
+    started = time.monotonic()
+    deadline = started + settings.task_time_budget_s
     try:
         connector = registry.build(claim.connector, claim.connector_config, limiter=limiter)
         try:
-            return _run(rt, claim, connector, deadline, should_stop or _never)
+            outcome = _run(rt, claim, connector, deadline, should_stop or _never)
+            metrics.task_run(claim.resource, outcome.value, started)
+            return outcome
         finally:
             connector.close()
     except TaskCancelled:
         logger.info("task %s cancelled at a chunk boundary", task_id)
+        metrics.task_run(claim.resource, Outcome.CANCELLED.value, started)
         return Outcome.CANCELLED
     except LeaseLost as exc:
         logger.warning("%s", exc)
@@ -104,6 +109,7 @@ def run_task(
             return Outcome.CANCELLED
         except LeaseLost:
             return Outcome.LEASE_LOST
+        metrics.task_run(claim.resource, Outcome.FAILED.value if final else "retry", started)
         if final:
             return Outcome.FAILED
         raise RetryTask(message) from exc

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=4, ge=1, le=64)
     queue_name: str = "sync"
     max_unfinished_jobs: int = Field(default=3, ge=1)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # `pipeline worker` serves /metrics here
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("database_url")

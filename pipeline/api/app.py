@@ -42,8 +42,9 @@ def create_app(
         close_runtime: close ``runtime`` when the app shuts down (when the app owns it).
         object_cache_bytes: memory for verified object bytes (LRU by checksum).
         body_cache_bytes: memory for filtered bodies (LRU by checksum and view).
-        metadata_ttl_s: how long company and dataset rows are reused (toggle changes show
-            within this plus one round trip); at most 2 s.
+        metadata_ttl_s: how long company and dataset rows are fresh; stale ones are served at
+            most as long again while they refresh, so toggle changes and new versions show within
+            ``2 × metadata_ttl_s`` plus one round trip. At most 2 s.
 
     Raises:
         ConfigError: no usable ``PIPELINE_JWT_SECRET``.

@@ -61,9 +61,15 @@ class CompanyOut(BaseModel):
     @classmethod
     def of(cls, company: Company) -> CompanyOut:
         return cls(
-            id=company.id, name=company.name, external_id=company.external_id, connector=company.connector,
-            config=company.connector_config or {}, toggles=company.feature_toggles or {},
-            enabled=company.sync_enabled, created_at=company.created_at, updated_at=company.updated_at,
+            id=company.id,
+            name=company.name,
+            external_id=company.external_id,
+            connector=company.connector,
+            config=company.connector_config or {},
+            toggles=company.feature_toggles or {},
+            enabled=company.sync_enabled,
+            created_at=company.created_at,
+            updated_at=company.updated_at,
         )
 
 
@@ -71,8 +77,13 @@ class CompanyOut(BaseModel):
 def post_company(body: CompanyIn, state: State) -> Any:
     try:
         company = add_company(
-            state.runtime.engine, name=body.name, connector=body.connector, config=body.config,
-            toggles=body.toggles, external_id=body.external_id, enabled=body.enabled,
+            state.runtime.engine,
+            name=body.name,
+            connector=body.connector,
+            config=body.config,
+            toggles=body.toggles,
+            external_id=body.external_id,
+            enabled=body.enabled,
         )
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
@@ -98,7 +109,11 @@ def get_one_company(company_id: CompanyIdPath, state: State) -> Any:
 def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -> Any:
     try:
         company = update_company(
-            state.runtime.engine, company_id, name=body.name, config=body.config, toggles=body.toggles,
+            state.runtime.engine,
+            company_id,
+            name=body.name,
+            config=body.config,
+            toggles=body.toggles,
             enabled=body.enabled,
         )
     except ConfigError as exc:

@@ -69,8 +69,7 @@ class ControlState:
         feed: use this event feed instead of building one; not closed here.
     """
 
-    def __init__(self, runtime: Runtime, *, dispatcher: Dispatcher | None = None,
-                 feed: JobFeed | None = None) -> None:
+    def __init__(self, runtime: Runtime, *, dispatcher: Dispatcher | None = None, feed: JobFeed | None = None) -> None:
         self.runtime = runtime
         self._dispatcher = dispatcher
         self._feed = feed
@@ -161,8 +160,9 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": f"{ADMIN_KEY_SETTING} is not set, or the database is unavailable"},
 }
 
-router = APIRouter(tags=["control"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES,
-                   lifespan=lifespan)
+router = APIRouter(
+    tags=["control"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES, lifespan=lifespan
+)
 
 # --- start a sync ------------------------------------------------------------------------------
 
@@ -203,8 +203,14 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
     settings = state.runtime.settings
     try:
         planned = submit_job(
-            state.runtime.engine, control.dispatcher(), trigger="api", max_unfinished=settings.max_unfinished_jobs,
-            mode=body.mode, company_ids=body.company_ids, resources=body.resources, partitions=body.partitions,
+            state.runtime.engine,
+            control.dispatcher(),
+            trigger="api",
+            max_unfinished=settings.max_unfinished_jobs,
+            mode=body.mode,
+            company_ids=body.company_ids,
+            resources=body.resources,
+            partitions=body.partitions,
             priority=body.priority,
         )
     except TooManyJobs as exc:
@@ -215,9 +221,12 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
         return error_response(422, "invalid_request", str(exc))
     job = str(planned.job_id)
     return SyncAccepted(
-        job_id=planned.job_id, status="pending" if planned.total_tasks else "completed",
-        total_tasks=planned.total_tasks, resource_types=planned.resources,
-        status_url=f"/sync/jobs/{job}", events_url=f"/sync/jobs/{job}/events",
+        job_id=planned.job_id,
+        status="pending" if planned.total_tasks else "completed",
+        total_tasks=planned.total_tasks,
+        resource_types=planned.resources,
+        status_url=f"/sync/jobs/{job}",
+        events_url=f"/sync/jobs/{job}/events",
     )
 
 
@@ -240,9 +249,7 @@ def get_jobs(
     responses={404: {"model": ErrorBody, "description": "No such job"}},
     summary="A job's status, progress with ETA, and tasks",
 )
-def get_job(
-    job_id: uuid.UUID, state: State, task_limit: Annotated[int, Query(ge=0, le=100_000)] = 1000
-) -> Any:
+def get_job(job_id: uuid.UUID, state: State, task_limit: Annotated[int, Query(ge=0, le=100_000)] = 1000) -> Any:
     return job_detail(state.runtime.engine, job_id=job_id, task_limit=task_limit)
 
 
@@ -273,8 +280,10 @@ def _sse(event_id: int, event: Event) -> bytes:
     "/sync/jobs/{job_id}/events",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}},
-              "description": "Server-Sent Events: snapshot, then task / progress events, then end"},
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Server-Sent Events: snapshot, then task / progress events, then end",
+        },
         404: {"model": ErrorBody, "description": "No such job"},
     },
     summary="Live events of a job (Server-Sent Events), ending with its final state",
@@ -297,7 +306,8 @@ async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> R
             await stream.aclose()
 
     return StreamingResponse(
-        body(), media_type="text/event-stream",
+        body(),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -308,8 +318,10 @@ async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> R
 @router.post(
     "/sync/jobs/{job_id}/cancel",
     response_model=CancelResult,
-    responses={404: {"model": ErrorBody, "description": "No such job"},
-               409: {"model": ErrorBody, "description": "The job has already finished"}},
+    responses={
+        404: {"model": ErrorBody, "description": "No such job"},
+        409: {"model": ErrorBody, "description": "The job has already finished"},
+    },
     summary="Cancel a job: pending tasks at once, running ones at their next chunk boundary",
 )
 def post_cancel(job_id: uuid.UUID, state: State) -> Any:
@@ -323,8 +335,10 @@ def post_cancel(job_id: uuid.UUID, state: State) -> Any:
     "/sync/jobs/{job_id}/retry",
     status_code=202,
     response_model=RetryResult,
-    responses={404: {"model": ErrorBody, "description": "No such job"},
-               409: {"model": ErrorBody, "description": "The job is still running or has nothing to retry"}},
+    responses={
+        404: {"model": ErrorBody, "description": "No such job"},
+        409: {"model": ErrorBody, "description": "The job is still running or has nothing to retry"},
+    },
     summary="Retry a finished job's failed and cancelled tasks",
 )
 def post_retry(job_id: uuid.UUID, state: State, control: Control) -> Any:

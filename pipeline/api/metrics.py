@@ -20,10 +20,12 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", include_in_schema=False)
 def get_metrics(state: State) -> Response:
-    body = metrics.render([
-        metrics.DatabaseCollector(state.runtime.engine),
-        metrics.CacheCollector({"objects": state.objects, "bodies": state.bodies}),
-    ])
+    body = metrics.render(
+        [
+            metrics.DatabaseCollector(state.runtime.engine),
+            metrics.CacheCollector({"objects": state.objects, "bodies": state.bodies}),
+        ]
+    )
     return Response(body, media_type=metrics.CONTENT_TYPE)
 
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Path, Request
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -26,9 +24,9 @@ from pipeline.api.deps import (
     CompanyView,
     CurrentPrincipal,
     DatasetView,
+    DirectRoute,
     State,
     api_state,
-    current_principal,
 )
 from pipeline.api.errors import ERROR_RESPONSES, ErrorBody
 from pipeline.auth import Principal
@@ -41,49 +39,6 @@ log = logging.getLogger("pipeline.api")
 
 router = APIRouter()
 
-
-class DirectRoute(APIRoute):
-    """A route documented from its endpoint's signature, called without FastAPI's dependency solver.
-
-    Solving dependencies costs FastAPI more than everything this API does on a cache hit, so
-    the hot read endpoint takes only what needs no solving: the ``Request``, ``str`` path
-    parameters and the principal from ``current_principal``. The handler authenticates and
-    calls the endpoint directly; OpenAPI is generated as for any route. Router-level
-    dependencies are not supported (they would be skipped), so the constructor refuses any
-    other parameter instead of ignoring it.
-    """
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        super().__init__(path, endpoint, **kwargs)
-        dependant = self.dependant
-        other = [
-            *dependant.query_params,
-            *dependant.header_params,
-            *dependant.cookie_params,
-            *dependant.body_params,
-        ]
-        principals = [dep for dep in dependant.dependencies if dep.call is current_principal]
-        if other or len(principals) != 1 or len(dependant.dependencies) != 1 or not dependant.request_param_name:
-            raise TypeError(
-                f"{endpoint.__name__}: a DirectRoute endpoint takes the Request, str path parameters"
-                " and one CurrentPrincipal, nothing else"
-            )
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
-        request_name = self.dependant.request_param_name
-        principal_name = self.dependant.dependencies[0].name
-        path_names = [param.name for param in self.dependant.path_params]
-        assert request_name and principal_name
-
-        async def handler(request: Request) -> Response:
-            arguments: dict[str, Any] = {name: request.path_params[name] for name in path_names}
-            arguments[request_name] = request
-            arguments[principal_name] = await current_principal(request)
-            response: Response = await endpoint(**arguments)
-            return response
-
-        return handler
 
 ResourceName = Annotated[str, Path(description="A resource the company's connector offers", examples=["schedule"])]
 PartitionKey = Annotated[str, Path(description="A partition key, e.g. a day", examples=["2030-01-15"])]

@@ -137,10 +137,16 @@ class WorkerFleet:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
+    def terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM the main process only, as ``docker stop`` does: Dramatiq forwards it to its worker
+        processes, which finish (or checkpoint) what they hold. A worker process that receives a
+        second SIGTERM (e.g. one sent to the whole process group) is killed at once instead."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
     def stop_all(self) -> None:
         for proc in self.processes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            self.terminate(proc)
         for proc in self.processes:
             try:
                 proc.wait(timeout=30)

@@ -8,12 +8,16 @@ Soak runs are left out unless a ``-m`` expression asks for them.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.migrate import upgrade
+from tests import services
 from tests.reliability.harness import CI, SOAK, Harness, Size, build_harness, teardown_harness
 from tests.services import S3Service
 
@@ -31,9 +35,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
+@pytest.fixture(scope="session")
+def reliability_s3(request: pytest.FixtureRequest) -> Iterator[S3Service]:
+    """The S3 server: ``PIPELINE_S3_ENDPOINT`` (or MinIO in Docker) as for every test; otherwise
+    moto in a process of its own rather than in the test process, because a few thousand
+    uploads per test would otherwise compete with the harness for one interpreter lock."""
+    if os.environ.get("PIPELINE_S3_ENDPOINT") or services.docker_available():
+        yield request.getfixturevalue("s3_service")
+        return
+    port = services.free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        services.wait_for(lambda: services.port_open("127.0.0.1", port), timeout=30, what="moto's S3 server")
+        yield S3Service(f"127.0.0.1:{port}", "testing", "testing")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.fixture
 def make_harness(
-    make_database: Callable[[], str], amqp_url: str, s3_service: S3Service, s3_bucket: str, tmp_path: Path,
+    make_database: Callable[[], str], amqp_url: str, reliability_s3: S3Service, tmp_path: Path,
 ) -> Iterator[Callable[..., Harness]]:
     """Factory: ``make_harness(size, **settings_overrides)`` builds this test's stack (once)."""
     built: list[Harness] = []
@@ -42,12 +67,15 @@ def make_harness(
         assert not built, "one harness per test"
         database_url = make_database()
         upgrade(database_url)
-        harness = build_harness(size, database_url=database_url, amqp_url=amqp_url, s3=s3_service,
-                                bucket=s3_bucket, log_dir=tmp_path, **overrides)
+        bucket = services.unique_name("pipeline-rel", separator="-")
+        services.create_bucket(reliability_s3, bucket)
+        harness = build_harness(size, database_url=database_url, amqp_url=amqp_url, s3=reliability_s3,
+                                bucket=bucket, log_dir=tmp_path, **overrides)
         built.append(harness)
         return harness
 
     yield make
     for harness in built:
         teardown_harness(harness)
+        services.remove_bucket(reliability_s3, harness.bucket)
         logging.getLogger(__name__).info("timings: %s", harness.timings)

@@ -1,0 +1,303 @@
+"""Isolated services for one benchmark: a fresh PostgreSQL database, a RabbitMQ vhost, an S3
+bucket (on its own moto server unless ``PIPELINE_S3_ENDPOINT`` names a real one) and a blob
+directory — all removed afterwards, on failure and on Ctrl-C / SIGTERM too.
+
+The service helpers themselves are the test suite's (``tests.services``): the benchmarks
+provision exactly what the integration tests provision, with names of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import pika
+import pika.exceptions
+from sqlalchemy import pool, text
+from sqlalchemy.engine import make_url
+
+from pipeline.db import make_engine
+from pipeline.migrate import upgrade
+from pipeline.settings import Settings, load_settings
+from tests import services
+from tests.services import S3Service
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+MOTO_CREDENTIALS = ("testing", "testing")
+
+
+# --- interrupts ----------------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def interrupts_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind the stack like Ctrl-C does, so every ``finally`` cleans up."""
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Ignore Ctrl-C while cleaning up: a second interrupt must not leave services behind."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def cleanup_stack() -> Iterator[contextlib.ExitStack]:
+    """An ExitStack whose callbacks run shielded from Ctrl-C, in reverse order, even on failure."""
+    resources = contextlib.ExitStack()
+    try:
+        with interrupts_unwind():
+            yield resources
+    finally:
+        with shielded():
+            resources.close()
+
+
+# --- services ------------------------------------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"bench_{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str, *, migrate: bool = True) -> Iterator[str]:
+    """A fresh database on ``PIPELINE_BENCH_POSTGRES_URL`` (migrated to head), dropped afterwards."""
+    admin = os.environ.get("PIPELINE_BENCH_POSTGRES_URL", DEFAULT_ADMIN_URL)
+    admin = services.ensure_local_postgres(admin) if "127.0.0.1" in admin or "localhost" in admin else admin
+    name = unique(prefix)
+    url = services.create_database(admin, name)
+    try:
+        if migrate:
+            upgrade(url)
+        yield url
+    finally:
+        services.drop_database(admin, name)
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost(prefix: str) -> Iterator[str]:
+    """A vhost of its own on the local RabbitMQ (``guest`` has every right on it), deleted afterwards."""
+    services.ensure_local_rabbitmq()
+    vhost = unique(prefix)
+    services.add_vhost(vhost)
+    try:
+        yield f"amqp://guest:guest@{services.LOCAL_AMQP_HOST}:{services.LOCAL_AMQP_PORT}/{quote(vhost, safe='')}"
+    finally:
+        services.delete_vhost(vhost)
+
+
+@contextlib.contextmanager
+def s3_endpoint(work: Path) -> Iterator[S3Service]:
+    """``PIPELINE_S3_ENDPOINT`` (a real MinIO) if set, else a moto server in its own process."""
+    endpoint = os.environ.get("PIPELINE_S3_ENDPOINT")
+    if endpoint:
+        yield S3Service(
+            endpoint=endpoint,
+            access_key=os.environ.get("PIPELINE_S3_ACCESS_KEY", "minioadmin"),
+            secret_key=os.environ.get("PIPELINE_S3_SECRET_KEY", "minioadmin"),
+            secure=os.environ.get("PIPELINE_S3_SECURE", "").lower() in {"1", "true", "yes", "on"},
+        )
+        return
+    port = services.free_port()
+    log = (work / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        services.wait_for(lambda: process.poll() is not None or services.port_open("127.0.0.1", port),
+                          timeout=60, what=f"moto server on port {port}")
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {process.returncode}; see {log.name}")
+        yield S3Service(f"127.0.0.1:{port}", *MOTO_CREDENTIALS)
+    finally:
+        stop_process_group(process, grace_s=5)
+        log.close()
+
+
+@contextlib.contextmanager
+def s3_bucket(service: S3Service) -> Iterator[str]:
+    bucket = unique("s3").replace("_", "-")
+    services.create_bucket(service, bucket)
+    try:
+        yield bucket
+    finally:
+        services.remove_bucket(service, bucket)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """SIGTERM the process group ``process`` leads, SIGKILL it after ``grace_s``."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # Children may outlive a leader that exited: the group is killed either way.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+@dataclass
+class Stack:
+    """The services of one benchmark run; ``settings()`` builds the pipeline's settings on them."""
+
+    name: str
+    work: Path
+    database_url: str
+    amqp_url: str | None = None
+    s3: S3Service | None = None
+    bucket: str | None = None
+    cleanups: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.work / "blobs"
+
+    def settings(self, *, blob: str = "s3", **overrides: Any) -> Settings:
+        """Settings on this stack; ``blob`` is "s3" (the bucket) or "local" (a directory)."""
+        values: dict[str, Any] = {"database_url": self.database_url, "broker_url": self.amqp_url,
+                                  "queue_name": "sync", "log_level": "WARNING"}
+        if blob == "s3":
+            if self.s3 is None or self.bucket is None:
+                raise RuntimeError("this stack has no S3 bucket")
+            values.update(blob_url=f"s3://{self.bucket}", s3_endpoint=self.s3.endpoint,
+                          s3_access_key=self.s3.access_key, s3_secret_key=self.s3.secret_key,
+                          s3_secure=self.s3.secure)
+        else:
+            values["blob_url"] = self.blob_dir.as_uri()
+        values.update(overrides)
+        return load_settings(**values)
+
+    def admin_sql(self, statement: str, **params: Any) -> list[Any]:
+        """Run one statement on the bench database (autocommit) and return its rows."""
+        engine = make_engine(self.database_url, poolclass=pool.NullPool)
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                result = conn.execute(text(statement), params)
+                return list(result.all()) if result.returns_rows else []
+        finally:
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def stack(name: str, *, broker: bool = True, s3: bool = True) -> Iterator[Stack]:
+    """Provision the services a benchmark needs and remove them afterwards, whatever happens."""
+    with cleanup_stack() as resources:
+        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        resources.callback(shutil.rmtree, work, ignore_errors=True)
+        database_url = resources.enter_context(postgres_database(name))
+        amqp_url = resources.enter_context(rabbitmq_vhost(name)) if broker else None
+        service = resources.enter_context(s3_endpoint(work)) if s3 else None
+        bucket = resources.enter_context(s3_bucket(service)) if service is not None else None
+        built = Stack(name=name, work=work, database_url=database_url, amqp_url=amqp_url, s3=service,
+                      bucket=bucket)
+        # Whatever the benchmark starts (workers, brokers) is stopped before the services go.
+        resources.enter_context(built.cleanups)
+        yield built
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that reproduces ``settings`` in a ``pipeline`` subprocess."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIPELINE_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def database_dsn(url: str) -> str:
+    """libpq form of a SQLAlchemy URL, for raw psycopg connections."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# --- RabbitMQ probes -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def amqp_channel(amqp_url: str) -> Iterator[Any]:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        yield connection.channel()
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+
+
+def queue_counts(channel: Any, queue: str) -> tuple[int, int] | None:
+    """(messages ready, consumers) of ``queue``, or ``None`` when it does not exist yet."""
+    try:
+        frame = channel.queue_declare(queue=queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker:
+        return None
+    return frame.method.message_count, frame.method.consumer_count
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll ``condition`` until it holds; return when it did (``time.perf_counter``)."""
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() >= deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+    return time.perf_counter()
+
+
+def wait_for_depth(amqp_url: str, queue: str, depth: int, *, timeout: float) -> float:
+    """Poll ``queue``'s ready count (passive queue_declare) until it reaches ``depth``."""
+    with amqp_channel(amqp_url) as channel:
+        holder = {"channel": channel}
+
+        def reached() -> bool:
+            if not holder["channel"].is_open:
+                holder["channel"] = channel.connection.channel()
+            counts = queue_counts(holder["channel"], queue)
+            return counts is not None and counts[0] >= depth
+
+        return wait_until(reached, timeout=timeout, what=f"{depth} messages on {queue!r}", interval=0.01)
+
+
+def wait_for_consumers(amqp_url: str, queue: str, consumers: int, *, timeout: float = 120) -> None:
+    with amqp_channel(amqp_url) as channel:
+        holder = {"channel": channel}
+
+        def ready() -> bool:
+            if not holder["channel"].is_open:
+                holder["channel"] = channel.connection.channel()
+            counts = queue_counts(holder["channel"], queue)
+            return counts is not None and counts[1] >= consumers
+
+        wait_until(ready, timeout=timeout, what=f"{consumers} consumer(s) on {queue!r}", interval=0.2)
