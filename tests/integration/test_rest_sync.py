@@ -45,7 +45,7 @@ def list_config(api: FakeUpstream, resource: dict[str, Any], *, pages_per_chunk:
             "resources": {"items": {"transform": "identity", **resource}}}
 
 
-PAGINATED = {
+PAGINATED: dict[str, tuple[str, dict[str, Any]]] = {
     "stripe cursor": ("stripe_api", {"path": "/v1/customers", "records": "data", "primary_key": "id", "paginator": {
         "type": "cursor", "cursor_param": "starting_after", "cursor_path": None, "has_more": "has_more",
         "limit_param": "limit", "limit": 3}}),

@@ -109,7 +109,8 @@ def test_garbage_collection_removes_superseded_versions_and_never_the_current_on
                 connector_config={"days_ahead": 2, "jobs_per_day": 4, "version": version}))
         job = plan_job(stack.engine, actors, trigger="cli", resources=["schedule"])
         assert job is not None
-        wait_for(lambda job=job: job_progress(stack.engine, job.job_id).finished, timeout=30, what="sync")
+        job_id = job.job_id
+        wait_for(lambda: job_progress(stack.engine, job_id).finished, timeout=30, what="sync")
     client = s3_service.client()
 
     def published() -> list[str]:
