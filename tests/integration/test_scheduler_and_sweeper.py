@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import dramatiq
 from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
@@ -23,6 +25,10 @@ from pipeline.scheduler import build_scheduler, latest_fire_time, run_scheduled_
 from pipeline.sweeper import sweep
 from tests.invariants import check_datasets, check_job_counters
 from tests.services import S3Service, wait_for
+
+
+def finished(rt: Runtime, job_id: uuid.UUID) -> bool:
+    return job_progress(rt.engine, job_id).finished
 
 
 def test_two_schedulers_firing_the_same_tick_plan_exactly_one_job(stack: Runtime, actors: Actors) -> None:
@@ -109,8 +115,7 @@ def test_garbage_collection_removes_superseded_versions_and_never_the_current_on
                 connector_config={"days_ahead": 2, "jobs_per_day": 4, "version": version}))
         job = plan_job(stack.engine, actors, trigger="cli", resources=["schedule"])
         assert job is not None
-        job_id = job.job_id
-        wait_for(lambda: job_progress(stack.engine, job_id).finished, timeout=30, what="sync")
+        wait_for(partial(finished, stack, job.job_id), timeout=30, what="sync")
     client = s3_service.client()
 
     def published() -> list[str]:
