@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import dramatiq
@@ -10,6 +11,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Retries, ShutdownNotifications, TimeLimit
 
 from actors.shutdown import GracefulStop
+from pipeline.execution import is_outage
 from pipeline.settings import Settings
 
 HEARTBEAT_S = 60
@@ -22,6 +24,25 @@ def amqp_url_with_heartbeat(url: str) -> str:
     query.setdefault("heartbeat", str(HEARTBEAT_S))
     query.setdefault("blocked_connection_timeout", "30")
     return urlunparse(parsed._replace(query=urlencode(query)))
+
+
+def retry_policy(max_retries: int) -> Callable[[int, BaseException], bool]:
+    """Dramatiq's ``retry_when``: give up after ``max_retries``, except while a service is down.
+
+    A message that failed because the database or blob storage is unreachable is retried (with
+    backoff capped at ``RETRY_MAX_BACKOFF_MS``) until the service is back, instead of ending in
+    the dead-letter queue after a few seconds of outage.
+    """
+
+    def retry(retries: int, exc: BaseException) -> bool:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if is_outage(cause):
+                return True
+            cause = cause.__cause__
+        return retries < max_retries
+
+    return retry
 
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:
@@ -37,7 +58,7 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         ShutdownNotifications(),
         GracefulStop(),
         Retries(
-            max_retries=settings.max_attempts + 2,
+            retry_when=retry_policy(settings.max_attempts + 2),
             min_backoff=settings.retry_min_backoff_ms,
             max_backoff=settings.retry_max_backoff_ms,
         ),

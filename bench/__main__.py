@@ -10,6 +10,11 @@ import sys
 
 BENCHMARKS: dict[str, str] = {
     "read_api": "bench.read_api",
+    "fanout": "bench.fanout",
+    "throughput": "bench.throughput",
+    "large": "bench.large",
+    "metadata": "bench.metadata",
+    "all": "bench.suite",
 }
 
 

@@ -26,10 +26,9 @@ from urllib.parse import quote
 
 import pika
 import pika.exceptions
-from sqlalchemy import pool, text
+import psycopg
 from sqlalchemy.engine import make_url
 
-from pipeline.db import make_engine
 from pipeline.migrate import upgrade
 from pipeline.settings import Settings, load_settings
 from tests import services
@@ -107,16 +106,33 @@ def rabbitmq_vhost(prefix: str) -> Iterator[str]:
     """A vhost of its own on the local RabbitMQ (``guest`` has every right on it), deleted afterwards."""
     services.ensure_local_rabbitmq()
     vhost = unique(prefix)
-    services.add_vhost(vhost)
+    _while_broker_restarts(lambda: services.add_vhost(vhost))
     try:
         yield f"amqp://guest:guest@{services.LOCAL_AMQP_HOST}:{services.LOCAL_AMQP_PORT}/{quote(vhost, safe='')}"
     finally:
-        services.delete_vhost(vhost)
+        _while_broker_restarts(lambda: services.delete_vhost(vhost))
+
+
+def _while_broker_restarts(action: Callable[[], None], *, timeout: float = 180) -> None:
+    """Run a rabbitmqctl action, waiting out a broker restart (other test runs share this broker)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            action()
+            return
+        except RuntimeError:
+            if time.monotonic() >= deadline:
+                raise
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            services.ensure_local_rabbitmq()
+            subprocess.run(["rabbitmqctl", "--timeout", "30", "await_startup"], capture_output=True, timeout=40)
+        time.sleep(1)
 
 
 @contextlib.contextmanager
-def s3_endpoint(work: Path) -> Iterator[S3Service]:
-    """``PIPELINE_S3_ENDPOINT`` (a real MinIO) if set, else a moto server in its own process."""
+def s3_endpoint(work: Path) -> Iterator[tuple[S3Service, int | None]]:
+    """``PIPELINE_S3_ENDPOINT`` (a real MinIO) if set, else a moto server in its own process
+    (its pid comes along, for CPU accounting)."""
     endpoint = os.environ.get("PIPELINE_S3_ENDPOINT")
     if endpoint:
         yield S3Service(
@@ -124,7 +140,7 @@ def s3_endpoint(work: Path) -> Iterator[S3Service]:
             access_key=os.environ.get("PIPELINE_S3_ACCESS_KEY", "minioadmin"),
             secret_key=os.environ.get("PIPELINE_S3_SECRET_KEY", "minioadmin"),
             secure=os.environ.get("PIPELINE_S3_SECURE", "").lower() in {"1", "true", "yes", "on"},
-        )
+        ), None
         return
     port = services.free_port()
     log = (work / "moto.log").open("wb")
@@ -137,7 +153,7 @@ def s3_endpoint(work: Path) -> Iterator[S3Service]:
                           timeout=60, what=f"moto server on port {port}")
         if process.poll() is not None:
             raise RuntimeError(f"moto server exited with code {process.returncode}; see {log.name}")
-        yield S3Service(f"127.0.0.1:{port}", *MOTO_CREDENTIALS)
+        yield S3Service(f"127.0.0.1:{port}", *MOTO_CREDENTIALS), process.pid
     finally:
         stop_process_group(process, grace_s=5)
         log.close()
@@ -179,7 +195,14 @@ class Stack:
     amqp_url: str | None = None
     s3: S3Service | None = None
     bucket: str | None = None
+    s3_pid: int | None = None
     cleanups: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def database_name(self) -> str:
+        name = make_url(self.database_url).database
+        assert name is not None
+        return name
 
     @property
     def blob_dir(self) -> Path:
@@ -200,15 +223,11 @@ class Stack:
         values.update(overrides)
         return load_settings(**values)
 
-    def admin_sql(self, statement: str, **params: Any) -> list[Any]:
+    def admin_sql(self, statement: str) -> list[tuple[Any, ...]]:
         """Run one statement on the bench database (autocommit) and return its rows."""
-        engine = make_engine(self.database_url, poolclass=pool.NullPool)
-        try:
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                result = conn.execute(text(statement), params)
-                return list(result.all()) if result.returns_rows else []
-        finally:
-            engine.dispose()
+        with psycopg.connect(database_dsn(self.database_url), autocommit=True) as conn:
+            cursor = conn.execute(statement.encode())
+            return cursor.fetchall() if cursor.description is not None else []
 
 
 @contextlib.contextmanager
@@ -219,10 +238,10 @@ def stack(name: str, *, broker: bool = True, s3: bool = True) -> Iterator[Stack]
         resources.callback(shutil.rmtree, work, ignore_errors=True)
         database_url = resources.enter_context(postgres_database(name))
         amqp_url = resources.enter_context(rabbitmq_vhost(name)) if broker else None
-        service = resources.enter_context(s3_endpoint(work)) if s3 else None
+        service, s3_pid = resources.enter_context(s3_endpoint(work)) if s3 else (None, None)
         bucket = resources.enter_context(s3_bucket(service)) if service is not None else None
         built = Stack(name=name, work=work, database_url=database_url, amqp_url=amqp_url, s3=service,
-                      bucket=bucket)
+                      bucket=bucket, s3_pid=s3_pid)
         # Whatever the benchmark starts (workers, brokers) is stopped before the services go.
         resources.enter_context(built.cleanups)
         yield built

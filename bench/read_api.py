@@ -21,14 +21,12 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,13 +34,12 @@ from typing import Any
 
 import httpx
 import orjson
-import psycopg
 from fastapi import APIRouter, FastAPI
-from psycopg import sql
-from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, insert, text
 from starlette.responses import Response
 
+from bench._report import load_line
+from bench._stack import postgres_database, stop_process_group
 from connectors.base import FetchRequest
 from connectors.synthetic import SyntheticConnector
 from connectors.transforms import SCHEDULE_POLICY, schedule
@@ -52,7 +49,6 @@ from pipeline.auth import issue_token
 from pipeline.companies import add_company
 from pipeline.datasets import serialize, storage_key
 from pipeline.errors import NotFound
-from pipeline.migrate import upgrade
 from pipeline.models import Dataset, utcnow
 from pipeline.policies import apply_policy
 from pipeline.runtime import Runtime
@@ -64,7 +60,6 @@ PARTITION = "2030-01-15"
 JOBS = 50
 SECRET = "bench-read-api-secret-0123456789abcdef"
 STATIC_FILE_VARIABLE = "PIPELINE_BENCH_STATIC_FILE"
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TOGGLES = {"TechDashboard_DisplayBillRate": False, "TechDashboard_DisplayCustomerEmails": False}
 JSONB_TABLE = "bench_documents"
 
@@ -120,22 +115,6 @@ class Environment:
     jobs_in_view: int
 
 
-def _conninfo(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def database(admin_url: str) -> Iterator[str]:
-    name = f"bench_read_api_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_conninfo(admin_url), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_conninfo(admin_url), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def _publish(runtime: Runtime, company_id: int, document: dict[str, Any]) -> None:
     """What a worker's publish leaves behind: the object at its content address, then the pointer."""
     payload = serialize(document)
@@ -146,7 +125,7 @@ def _publish(runtime: Runtime, company_id: int, document: dict[str, Any]) -> Non
     now = utcnow()
     with runtime.engine.begin() as connection:
         connection.execute(
-            Dataset.__table__.insert().values(
+            insert(Dataset).values(
                 company_id=company_id,
                 resource="schedule",
                 partition_key=PARTITION,
@@ -175,11 +154,10 @@ def _store_jsonb(engine: Engine, company_id: int, document: dict[str, Any]) -> N
 
 
 @contextlib.contextmanager
-def environment(admin_url: str) -> Iterator[Environment]:
+def environment() -> Iterator[Environment]:
     work = Path(tempfile.mkdtemp(prefix="bench-read-api-"))
     try:
-        with database(admin_url) as url:
-            upgrade(url)
+        with postgres_database("read_api") as url:
             settings = load_settings(database_url=url, blob_url=(work / "blobs").as_uri(), jwt_secret=SECRET)
             runtime = Runtime.from_settings(settings)
             try:
@@ -244,10 +222,10 @@ def server(env: Environment, workers: int) -> Iterator[str]:
         STATIC_FILE_VARIABLE: str(env.static_file),
     }
     command = [sys.executable, "-m", "bench.read_api", "--serve", "--port", str(port), "--workers", str(workers)]
-    process = subprocess.Popen(command, cwd=ROOT, env=variables)
+    process = subprocess.Popen(command, cwd=ROOT, env=variables, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with code {process.returncode} before answering")
@@ -255,16 +233,11 @@ def server(env: Environment, workers: int) -> Iterator[str]:
                 if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not answer /healthz within 60 s")
+                raise RuntimeError("the server did not answer /healthz within 120 s")
             time.sleep(0.2)
         yield base
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process_group(process, grace_s=30)
 
 
 def _serve_main(port: int, workers: int) -> int:
@@ -358,6 +331,19 @@ async def _load(url: str, headers: dict[str, str], connections: int, duration: f
     }
 
 
+def combine(runs: list[Result]) -> Result:
+    """One target's runs as one result: throughput over all of them, the median run's latencies."""
+    return Result(
+        name=runs[0].name,
+        tool=runs[0].tool,
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
+        requests_per_s=statistics.fmean(r.requests_per_s for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+    )
+
+
 # --- the benchmark -----------------------------------------------------------------------------
 
 
@@ -380,6 +366,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (default: 2)")
     parser.add_argument("--loadgen-tool", choices=["auto", "wrk", "httpx"], default="auto")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each target's time into this many runs, interleaved with the other targets, so that"
+        " a busy neighbour slows every target alike; figures are then the median of the runs",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -396,16 +389,17 @@ def main(argv: list[str]) -> int:
         return 0
 
     duration = args.duration or (3.0 if args.quick else 20.0)
+    if args.rounds < 1 or duration / args.rounds < 1:
+        parser.error("--rounds must be at least 1 and leave at least 1 s per run")
     tool = args.loadgen_tool
     if tool == "auto":
         tool = "wrk" if shutil.which("wrk") else "httpx"
     if tool == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk), use --loadgen-tool httpx")
     run = run_wrk if tool == "wrk" else run_httpx
-    admin_url = os.environ.get("PIPELINE_BENCH_POSTGRES_URL", DEFAULT_ADMIN_URL)
 
     results: list[Result] = []
-    with environment(admin_url) as env, server(env, args.workers) as base:
+    with environment() as env, server(env, args.workers) as base:
         _check_targets(base, env)
         technician = {"Authorization": f"Bearer {env.technician_token}"}
         manager = {"Authorization": f"Bearer {env.manager_token}"}
@@ -417,16 +411,23 @@ def main(argv: list[str]) -> int:
         ]
         print(
             f"read_api benchmark: {JOBS}-job document ({env.jobs_in_view} jobs in the technician's view), "
-            f"{args.connections} connections, {duration:g} s per target, {args.workers} server workers, "
-            f"load from {tool} in another process"
+            f"{args.connections} connections, {duration:g} s per target"
+            + (f" in {args.rounds} interleaved runs" if args.rounds > 1 else "")
+            + f", {args.workers} server workers, load from {tool} in another process; {load_line()}"
         )
-        for name, url, headers in targets:
-            run(name, url, headers, args.connections, min(duration, 2.0))  # warm-up: caches, connections
-            result = run(name, url, headers, args.connections, duration)
+        for name, url, headers in targets:  # warm-up: caches, keep-alive connections
+            run(name, url, headers, args.connections, min(duration, 2.0))
+        runs: dict[str, list[Result]] = {name: [] for name, _, _ in targets}
+        for _ in range(args.rounds):
+            for name, url, headers in targets:
+                runs[name].append(run(name, url, headers, args.connections, duration / args.rounds))
+        for name, _, _ in targets:
+            result = combine(runs[name])
             results.append(result)
+            worst = f" (runs: {', '.join(f'{r.p99_ms:.1f}' for r in runs[name])})" if args.rounds > 1 else ""
             print(
                 f"  {name:<42} {result.requests_per_s:>9.0f} req/s   p50 {result.p50_ms:7.2f} ms"
-                f"   p99 {result.p99_ms:7.2f} ms   errors {result.errors}"
+                f"   p99 {result.p99_ms:7.2f} ms{worst}   errors {result.errors}"
             )
 
     ceiling, ours, _, old = results
@@ -438,6 +439,7 @@ def main(argv: list[str]) -> int:
         (f"throughput {vs_jsonb:.1f}x the JSONB way >= 10x", vs_jsonb >= 10),
         ("no errors", all(result.errors == 0 for result in results)),
     ]
+    print(load_line())
     print("targets:")
     for label, passed in checks:
         print(f"  [{'ok' if passed else 'MISSED'}] {label}")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, exists, func, literal, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, exists, func, literal, or_, select, text, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline import metrics
@@ -192,20 +193,31 @@ def submit_job(
 ) -> PlannedJob:
     """Plan a job unless a company in scope is at the unfinished-jobs cap, then enqueue its tasks.
 
-    The check and the plan are serialised (a lock per process, plus an advisory lock across
-    processes on PostgreSQL), so concurrent requests cannot overshoot the cap. Messages are sent
-    after the lock is released.
+    The check and the plan are serialised (a lock per process, plus on PostgreSQL an advisory
+    lock across processes), so concurrent requests cannot overshoot the cap. Messages are sent
+    after the locks are released.
 
     Raises:
         TooManyJobs: a company in scope already has ``max_unfinished`` unfinished jobs.
         NotFound / ConfigError: as ``pipeline.planning.plan_job``.
     """
-    with _submit_lock, engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
-        check_job_cap(conn, company_ids=company_ids, cap=max_unfinished)
-        planned = plan_job(engine, None, trigger=trigger, mode=mode, company_ids=company_ids,
-                           resources=resources, partitions=partitions, priority=priority)
+    def plan() -> PlannedJob | None:
+        return plan_job(engine, None, trigger=trigger, mode=mode, company_ids=company_ids,
+                        resources=resources, partitions=partitions, priority=priority)
+
+    postgres = engine.dialect.name == "postgresql"
+    planned = None
+    with _submit_lock:
+        with engine.begin() as conn:
+            if postgres:  # held until this transaction ends: after the job below is committed
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
+            check_job_cap(conn, company_ids=company_ids, cap=max_unfinished)
+            if postgres:
+                planned = plan()
+        if not postgres:
+            # SQLite has one writer at a time: plan once the check's transaction is over (the
+            # process lock still serialises this process's submissions).
+            planned = plan()
     assert planned is not None  # no tick key: never a duplicate
     if dispatcher is not None and planned.task_ids:
         dispatcher.enqueue(planned.task_ids, priority=planned.priority)
@@ -315,7 +327,7 @@ def retry_job(
 def _scope_includes(dialect: str, company_id: int) -> ColumnElement[bool]:
     """SQL: the job's scope names ``company_id`` or names no company (every company)."""
     if dialect == "postgresql":
-        named = JOBS.c.scope["company_ids"]
+        named = type_coerce(JOBS.c.scope, JSONB)["company_ids"]
         return or_(named.contains([company_id]), func.jsonb_array_length(named) == 0)
     elements = func.json_each(JOBS.c.scope, "$.company_ids").table_valued("value")
     return or_(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from connectors import registry
 from connectors.base import Connector, FetchRequest, RateLimiter, Record, ResourceSpec, resource_spec
@@ -23,7 +23,17 @@ from connectors.transforms import get_transform, sort_key
 from pipeline import metrics
 from pipeline.assembly import SortedRuns, read_ndjson, render_document, write_ndjson
 from pipeline.datasets import current_version, publish, records_key, remove_staging, stage_chunk, staged_part
-from pipeline.errors import ConfigError, ConnectorError, LeaseLost, PipelineError, TaskCancelled, UpstreamError
+from pipeline.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ConnectorError,
+    LeaseLost,
+    ObjectMissing,
+    PipelineError,
+    StorageError,
+    TaskCancelled,
+    UpstreamError,
+)
 from pipeline.jobs import Claim, claim_task, hand_off, record_attempt_failure, save_progress
 from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
@@ -49,6 +59,17 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.retryable
     # A bad config or an unknown resource will not fix itself between attempts.
     return not isinstance(exc, ConfigError | ConnectorError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A service we depend on is unreachable (blob storage, the database): not the task's fault.
+
+    Such a failure costs the task no attempt, and the broker keeps retrying it (with capped
+    backoff) for as long as the outage lasts. A missing or corrupt object is not an outage.
+    """
+    if isinstance(exc, StorageError):
+        return not isinstance(exc, ObjectMissing | ChecksumMismatch)
+    return isinstance(exc, OperationalError | InterfaceError)
 
 
 def describe(exc: BaseException) -> str:
@@ -99,8 +120,19 @@ def run_task(
         # if it gives up, the sweeper re-sends the task once its lease expires.
         raise
     except Exception as exc:
-        final = not is_retryable(exc) or claim.attempts >= settings.max_attempts
         message = describe(exc)
+        if is_outage(exc):
+            # Blob storage is down: release the task without spending an attempt and let the
+            # broker retry; a 30 s outage must not fail every task that reached it.
+            logger.warning("task %s: blob storage unavailable, will retry: %s", task_id, message)
+            try:
+                hand_off(rt.engine, claim, note=f"blob storage unavailable, will retry: {message}")
+            except TaskCancelled:
+                return Outcome.CANCELLED
+            except LeaseLost:
+                return Outcome.LEASE_LOST
+            raise RetryTask(message) from exc
+        final = not is_retryable(exc) or claim.attempts >= settings.max_attempts
         logger.warning("task %s attempt %s failed (%s): %s", task_id, claim.attempts,
                        "final" if final else "will retry", message)
         try:

@@ -8,8 +8,8 @@ Metadata (company rows with their toggles and connector resources, dataset rows,
 cached per process: fresh for ``metadata_ttl_s`` (default 1 s), then served at most as long
 again while a background load refreshes it, so a toggle change or a newly published version is
 visible within ``2 × metadata_ttl_s`` plus one database round trip, and no request waits for a
-refresh. Concurrent misses for one key share a single load. Object bytes live in a size-bounded LRU keyed by checksum
-(``storage.cache``), and filtered bodies in another keyed by (checksum, view).
+refresh. Concurrent misses for one key share a single load. Object bytes live in a size-bounded
+LRU keyed by checksum (``storage.cache``), and filtered bodies in another keyed by (checksum, view).
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ class BearerAuth(HTTPBearer):
         return api_state(request).verifier(token)
 
 
-current_principal = BearerAuth(scheme_name="bearer", description="A JWT from `pipeline token`.")
+current_principal = BearerAuth(scheme_name="bearer", bearerFormat="JWT", description="A JWT from `pipeline token`.")
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 

@@ -152,7 +152,7 @@ _DOCUMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def read_partition(
     request: Request, resource: ResourceName, partition: PartitionKey, principal: CurrentPrincipal
 ) -> Response:
-    """Served through ``DirectRoute``: see there for what this signature may contain."""
+    # Served through DirectRoute (see there): this signature may hold nothing more.
     state = api_state(request)
     company, spec = await _resource(state, principal, resource)
     dataset = await state.dataset(company.id, resource, partition)
@@ -176,6 +176,12 @@ router.add_api_route(
     response_class=Response,
     responses=_DOCUMENT_RESPONSES,
     summary="Read one partition's document, filtered by the caller's role and the company's toggles",
+    description=(
+        "Admins and managers get the whole document. Technicians get only the rows they are assigned"
+        " to, without the fields their role and the company's feature toggles hide: hidden fields are"
+        " absent, never null. The ETag changes with the data and with the caller's view of it; send it"
+        " back in If-None-Match to get 304. Another company's partition answers 404 like a missing one."
+    ),
     openapi_extra={
         "parameters": [
             {

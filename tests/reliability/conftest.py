@@ -7,10 +7,11 @@ Soak runs are left out unless a ``-m`` expression asks for them.
 
 from __future__ import annotations
 
-import logging
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,8 +61,14 @@ def reliability_s3(request: pytest.FixtureRequest) -> Iterator[S3Service]:
 def make_harness(
     make_database: Callable[[], str], amqp_url: str, reliability_s3: S3Service, tmp_path: Path,
 ) -> Iterator[Callable[..., Harness]]:
-    """Factory: ``make_harness(size, **settings_overrides)`` builds this test's stack (once)."""
+    """Factory: ``make_harness(size, **settings_overrides)`` builds this test's stack (once).
+
+    Some tests restart the machine's shared RabbitMQ and PostgreSQL, so two test sessions on
+    one machine take turns: each reliability test holds a lock file for its duration.
+    """
     built: list[Harness] = []
+    lock = (Path(tempfile.gettempdir()) / "pipeline-reliability.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
 
     def make(size: Size, **overrides: object) -> Harness:
         assert not built, "one harness per test"
@@ -78,4 +85,6 @@ def make_harness(
     for harness in built:
         teardown_harness(harness)
         services.remove_bucket(reliability_s3, harness.bucket)
-        logging.getLogger(__name__).info("timings: %s", harness.timings)
+        print(f"\n{harness.size.name} timings: {harness.timings}")
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pipeline.progress import JobProgress, job_progress
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.sweeper import SweepReport, sweep
+from tests.fakes.upstreams import ScheduleApi
 from tests.integration.conftest import WorkerFleet, settings_env
 from tests.invariants import InvariantReport, check_invariants, delete_queues, queue_depths
 from tests.services import S3Service, port_open, wait_for
@@ -67,11 +67,35 @@ class Size:
 
 
 # CI: 250 companies × 8 partitions = 2,000 tasks per fault. Soak: 1,250 × 8 = 10,000.
-CI = Size("ci", companies=250)
+# RELIABILITY_CI_COMPANIES shrinks the CI size while working on the suite itself.
+CI = Size("ci", companies=int(os.environ.get("RELIABILITY_CI_COMPANIES", "250")))
 SOAK = Size("soak", companies=1_250, workers=4, threads=4, job_timeout_s=900.0)
 
 # Tiny documents: a few records per partition, one chunk each.
 TINY = {"jobs_per_day": 3, "employees": 2, "teams": 1, "page_size": 50}
+
+
+def rest_schedule_config(api: ScheduleApi, *, page_size: int, days_ahead: int) -> dict[str, Any]:
+    """The field-service schedule API as a ``rest`` connector config: one page per chunk."""
+    envelope = {"success": "IsSuccess", "message": "Message"}
+    return {
+        "base_url": api.base_url,
+        "pages_per_chunk": 1,
+        "retry": {"max_attempts": 6, "backoff_s": 0.05, "max_backoff_s": 0.5},
+        "resources": {
+            "schedule": {
+                "path": "/api/dr-schedule",
+                "params": {"startDate": "{partition}", "endDate": "{partition}"},
+                "partitions": {"type": "daily", "days_ahead": days_ahead},
+                "records": "Result", "envelope": envelope, "primary_key": "JobInformationId",
+                "paginator": {"type": "page", "size": page_size}, "transform": "schedule",
+            },
+            "users": {
+                "path": "/api/dr-schedule/users", "records": "Result", "envelope": envelope,
+                "primary_key": "EmployeeInformationId", "transform": "users",
+            },
+        },
+    }
 
 
 # --- a TCP proxy the test can cut ---------------------------------------------------------------
@@ -230,10 +254,6 @@ class Fleet(WorkerFleet):
     def alive(self) -> list[subprocess.Popen[bytes]]:
         return [proc for proc in self.processes if proc.poll() is None]
 
-    def terminate(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM to the worker's main process only, as an orchestrator stops a container."""
-        os.kill(proc.pid, signal.SIGTERM)
-
     def logs(self) -> str:
         parts = []
         for path in sorted(self.log_dir.glob("worker-*.log")):
@@ -296,6 +316,7 @@ class Harness:
     amqp_url: str
     sweeper: SweeperThread | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    configs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def engine(self) -> Any:
@@ -308,8 +329,12 @@ class Harness:
     # -- setup -----------------------------------------------------------------------------
 
     def add_companies(self, count: int, config: Mapping[str, Any], *, connector: str = "synthetic",
-                      name: str = "company") -> list[int]:
-        """Insert ``count`` companies sharing one (validated) connector config, in one statement."""
+                      name: str = "company", expect: Mapping[str, int] | None = None) -> list[int]:
+        """Insert ``count`` companies sharing one (validated) connector config, in one statement.
+
+        ``expect`` gives ``jobs_per_day`` and ``employees`` of a non-synthetic upstream, for
+        ``expected_records``.
+        """
         registry.validate(connector, config)
         now = utcnow()
         tag = uuid.uuid4().hex[:6]
@@ -320,8 +345,9 @@ class Harness:
             for index in range(count)
         ]
         with self.engine.begin() as conn:
-            ids = conn.execute(insert(COMPANIES).returning(COMPANIES.c.id), rows).scalars().all()
-        return list(ids)
+            ids = list(conn.execute(insert(COMPANIES).returning(COMPANIES.c.id), rows).scalars())
+        self.configs.update((company_id, dict(expect or config)) for company_id in ids)
+        return ids
 
     def start_workers(self, count: int | None = None, *, wait: bool = True) -> list[subprocess.Popen[bytes]]:
         count = self.size.workers if count is None else count
@@ -348,7 +374,8 @@ class Harness:
 
     def plan(self, **kwargs: Any) -> PlannedJob:
         started = time.monotonic()
-        planned = plan_job(self.engine, self.actors, trigger=kwargs.pop("trigger", "cli"), **kwargs)
+        dispatcher = kwargs.pop("dispatcher", self.actors)
+        planned = plan_job(self.engine, dispatcher, trigger=kwargs.pop("trigger", "cli"), **kwargs)
         assert planned is not None
         self.timings["plan_s"] = round(time.monotonic() - started, 2)
         return planned
@@ -409,26 +436,38 @@ class Harness:
 
     def finish(
         self,
-        job_id: uuid.UUID,
-        *,
+        *job_ids: uuid.UUID,
         expected_failed: Callable[[Any], bool] = lambda task: False,
         expected_records: Callable[[Any], int] | None = None,
-    ) -> InvariantReport:
-        """Wait for the job and the queues, stop the fleet and the sweeper, then check every invariant."""
-        final = self.wait_for_job(job_id)
+    ) -> list[InvariantReport]:
+        """Wait for the jobs and the queues, stop the fleet and the sweeper, then check every invariant."""
+        for job_id in job_ids:
+            self.wait_for_job(job_id)
         self.wait_for_queues_drained()
         if self.sweeper is not None:
             self.sweeper.stop()
         started = time.monotonic()
         self.fleet.stop_all()
         self.timings["stop_s"] = round(time.monotonic() - started, 2)
-        report = check_invariants(
-            self.engine, job_id, client=self.s3.client(), bucket=self.bucket, store=self.rt.store,
-            amqp_url=self.amqp_url, queues=self.queues, expected_failed=expected_failed,
-            expected_records=expected_records,
-        )
-        logger.info("job %s: %s; %s; timings %s", job_id, final.status, report, self.timings)
-        return report
+        started = time.monotonic()
+        reports = [
+            check_invariants(
+                self.engine, job_id, client=self.s3.client(), bucket=self.bucket, store=self.rt.store,
+                amqp_url=self.amqp_url, queues=self.queues, expected_failed=expected_failed,
+                expected_records=expected_records or self.expected_records,
+            )
+            for job_id in job_ids
+        ]
+        self.timings["check_s"] = round(time.monotonic() - started, 2)
+        logger.info("%s; timings %s", reports, self.timings)
+        return reports
+
+    def expected_records(self, task: Any) -> int:
+        """What a complete document of ``task`` holds, from its company's synthetic config."""
+        config = self.configs[task.company_id]
+        if task.resource == "schedule":
+            return int(config.get("jobs_per_day", 50))
+        return int(config.get("employees", 20))
 
 
 @contextmanager
@@ -481,6 +520,8 @@ def build_harness(
     rt = Runtime.from_settings(direct)
     broker = make_broker(direct)
     actors = declare_actors(broker, rt)
+    for queue in actors.queues:
+        broker.get_queue_message_counts(queue)  # declares the queue with its .DQ and .XQ
     fleet = Fleet(worker_settings, log_dir=log_dir)
     return Harness(size=size, worker_settings=worker_settings, rt=rt, actors=actors, fleet=fleet, proxy=proxy,
                    s3=s3, bucket=bucket, amqp_url=amqp_url)

@@ -17,7 +17,7 @@ from pipeline.models import Dataset, utcnow
 from storage.base import BlobStore
 from storage.checksum import sha256_hex
 
-SECRET = "read-api-tests-secret-0123456789abcdef"
+SECRET = "read-api-tests-secret-" + "0123456789abcdef" * 3  # 70 bytes: long enough for HS512 too
 ISSUER = "sync-pipeline"
 PARTITION = "2030-01-15"
 

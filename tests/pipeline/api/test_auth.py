@@ -52,8 +52,8 @@ def tampered_company(company_id: int, other: int) -> str:
 BAD_TOKENS: dict[str, Callable[[int, int], str]] = {
     "alg-none": lambda c, _: unsigned_token({"alg": "none", "typ": "JWT"}, claims(c)),
     "alg-none-signed-looking": lambda c, _: unsigned_token({"alg": "none"}, claims(c), b"sig"),
-    "hs512": lambda c, _: signed(claims(c), algorithm="HS512", key=SECRET + SECRET),
-    "hs384": lambda c, _: signed(claims(c), algorithm="HS384", key=SECRET + SECRET),
+    "hs512": lambda c, _: signed(claims(c), algorithm="HS512"),
+    "hs384": lambda c, _: signed(claims(c), algorithm="HS384"),
     "wrong-secret": lambda c, _: signed(claims(c), key="another-secret-of-the-right-length-000"),
     "expired": lambda c, _: signed(claims(c, exp=int(time.time()) - 5)),
     "missing-exp": lambda c, _: signed(claims(c, exp=None)),
