@@ -37,10 +37,10 @@ def _status_kib(pid: int, name: str) -> int:
 
 @dataclass
 class MemoryPeak:
-    """Peak RSS in MiB: of the largest single process, and of the whole tree at one sample."""
+    """Peak RSS in MB (10⁶ bytes): of the largest single process, and of the whole tree at one sample."""
 
-    process_mib: float = 0.0
-    tree_mib: float = 0.0
+    process_mb: float = 0.0
+    tree_mb: float = 0.0
 
 
 @dataclass
@@ -67,8 +67,8 @@ class Fleet:
             hwm = _status_kib(pid, "VmHWM")
             self._hwm_kib[pid] = max(self._hwm_kib.get(pid, 0), hwm)
             tree_kib += _status_kib(pid, "VmRSS")
-        self.peak.process_mib = max(self._hwm_kib.values(), default=0) / 1024
-        self.peak.tree_mib = max(self.peak.tree_mib, tree_kib / 1024)
+        self.peak.process_mb = max(self._hwm_kib.values(), default=0) * 1024 / 1e6
+        self.peak.tree_mb = max(self.peak.tree_mb, tree_kib * 1024 / 1e6)
 
     def _watch(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL_S):

@@ -73,7 +73,12 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out + (["notes:", *notes] if notes else []))
 
 
+# Every row printed in this process, so that ``python -m bench all`` can end with one table.
+REPORTED: list[Row] = []
+
+
 def print_table(rows: Sequence[Row]) -> None:
+    REPORTED.extend(rows)
     print(format_table(rows), flush=True)
 
 

@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pika
 import pika.exceptions
 import psycopg
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from pipeline.migrate import upgrade
 from pipeline.settings import Settings, load_settings
@@ -37,6 +38,9 @@ from tests.services import S3Service
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MOTO_CREDENTIALS = ("testing", "testing")
+# What a poll may meet while the reliability suite restarts the shared PostgreSQL or RabbitMQ.
+SERVICE_BLIPS: tuple[type[Exception], ...] = (OperationalError, psycopg.OperationalError,
+                                              pika.exceptions.AMQPConnectionError)
 
 
 # --- interrupts ----------------------------------------------------------------------------------
@@ -98,7 +102,8 @@ def postgres_database(prefix: str, *, migrate: bool = True) -> Iterator[str]:
             upgrade(url)
         yield url
     finally:
-        services.drop_database(admin, name)
+        _retrying(lambda: services.drop_database(admin, name), (psycopg.OperationalError,),
+                  lambda: services.postgres_answers(admin))
 
 
 @contextlib.contextmanager
@@ -106,27 +111,35 @@ def rabbitmq_vhost(prefix: str) -> Iterator[str]:
     """A vhost of its own on the local RabbitMQ (``guest`` has every right on it), deleted afterwards."""
     services.ensure_local_rabbitmq()
     vhost = unique(prefix)
-    _while_broker_restarts(lambda: services.add_vhost(vhost))
+    _retrying(lambda: services.add_vhost(vhost), (RuntimeError,), _broker_answers)
     try:
         yield f"amqp://guest:guest@{services.LOCAL_AMQP_HOST}:{services.LOCAL_AMQP_PORT}/{quote(vhost, safe='')}"
     finally:
-        _while_broker_restarts(lambda: services.delete_vhost(vhost))
+        _retrying(lambda: services.delete_vhost(vhost), (RuntimeError,), _broker_answers)
 
 
-def _while_broker_restarts(action: Callable[[], None], *, timeout: float = 180) -> None:
-    """Run a rabbitmqctl action, waiting out a broker restart (other test runs share this broker)."""
+def _broker_answers() -> bool:
+    done = subprocess.run(["rabbitmqctl", "--timeout", "10", "await_startup"], capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+def _retrying(action: Callable[[], None], errors: tuple[type[Exception], ...], service_up: Callable[[], bool],
+              *, timeout: float = 180) -> None:
+    """Run a setup or cleanup action, waiting out a restart of the service: the reliability
+    suite stops and starts the machine's PostgreSQL and RabbitMQ while other runs use them."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             action()
             return
-        except RuntimeError:
+        except errors:
             if time.monotonic() >= deadline:
                 raise
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            services.ensure_local_rabbitmq()
-            subprocess.run(["rabbitmqctl", "--timeout", "30", "await_startup"], capture_output=True, timeout=40)
-        time.sleep(1)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if service_up():
+                    break
+            time.sleep(1)
 
 
 @contextlib.contextmanager
@@ -170,10 +183,14 @@ def s3_bucket(service: S3Service) -> Iterator[str]:
 
 
 def stop_process_group(process: subprocess.Popen[bytes], *, grace_s: float) -> None:
-    """SIGTERM the process group ``process`` leads, SIGKILL it after ``grace_s``."""
+    """SIGTERM the leader of the process group ``process`` leads, SIGKILL the group after ``grace_s``.
+
+    Only the leader gets the SIGTERM, as ``docker stop`` does: the Dramatiq CLI forwards it to
+    its workers, which finish their messages; a second SIGTERM would kill them at once.
+    """
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -285,38 +302,87 @@ def queue_counts(channel: Any, queue: str) -> tuple[int, int] | None:
     return frame.method.message_count, frame.method.consumer_count
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> float:
-    """Poll ``condition`` until it holds; return when it did (``time.perf_counter``)."""
+T = TypeVar("T")
+
+
+def retrying_blips(action: Callable[[], T], *, what: str, attempts: int = 3) -> T:
+    """Run ``action`` again (up to ``attempts`` times) when a shared service restarts under it.
+
+    The reliability suite stops and starts this machine's PostgreSQL and RabbitMQ while other
+    runs use them; a measurement cut by such a restart is thrown away, not reported.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except SERVICE_BLIPS as exc:
+            if attempt == attempts:
+                raise
+            print(f"  ({what}: a service went away under the run — {type(exc).__name__}; running it again)",
+                  flush=True)
+            time.sleep(5)
+    raise AssertionError("unreachable")
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05,
+               tolerate: tuple[type[Exception], ...] = ()) -> float:
+    """Poll ``condition`` until it holds; return when it did (``time.perf_counter``).
+
+    ``tolerate``: errors that count as "not yet" (a service restarting under the poll).
+    """
     deadline = time.perf_counter() + timeout
-    while not condition():
+    while True:
+        try:
+            if condition():
+                return time.perf_counter()
+        except tolerate:
+            pass
         if time.perf_counter() >= deadline:
             raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-    return time.perf_counter()
+
+
+class _QueueProbe:
+    """Reads (ready, consumers) of one queue; a passive declare of a missing queue closes the
+    channel, so a new one is opened for the next read."""
+
+    def __init__(self, connection: pika.BlockingConnection, queue: str) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.channel = connection.channel()
+
+    def counts(self) -> tuple[int, int] | None:
+        if not self.channel.is_open:
+            self.channel = self.connection.channel()
+        return queue_counts(self.channel, self.queue)
+
+
+def _poll_queue(amqp_url: str, queue: str, reached: Callable[[tuple[int, int]], bool], *, timeout: float,
+                what: str, interval: float) -> float:
+    """Poll (ready, consumers) of ``queue`` until ``reached``; rides out a broker restart."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            with amqp_channel(amqp_url) as channel:
+                probe = _QueueProbe(channel.connection, queue)
+
+                def check(probe: _QueueProbe = probe) -> bool:
+                    counts = probe.counts()
+                    return counts is not None and reached(counts)
+
+                return wait_until(check, timeout=max(deadline - time.perf_counter(), 0.0), what=what,
+                                  interval=interval)
+        except pika.exceptions.AMQPConnectionError:
+            if time.perf_counter() >= deadline:
+                raise
+            time.sleep(1)
 
 
 def wait_for_depth(amqp_url: str, queue: str, depth: int, *, timeout: float) -> float:
     """Poll ``queue``'s ready count (passive queue_declare) until it reaches ``depth``."""
-    with amqp_channel(amqp_url) as channel:
-        holder = {"channel": channel}
-
-        def reached() -> bool:
-            if not holder["channel"].is_open:
-                holder["channel"] = channel.connection.channel()
-            counts = queue_counts(holder["channel"], queue)
-            return counts is not None and counts[0] >= depth
-
-        return wait_until(reached, timeout=timeout, what=f"{depth} messages on {queue!r}", interval=0.01)
+    return _poll_queue(amqp_url, queue, lambda counts: counts[0] >= depth, timeout=timeout,
+                       what=f"{depth} messages on {queue!r}", interval=0.01)
 
 
 def wait_for_consumers(amqp_url: str, queue: str, consumers: int, *, timeout: float = 120) -> None:
-    with amqp_channel(amqp_url) as channel:
-        holder = {"channel": channel}
-
-        def ready() -> bool:
-            if not holder["channel"].is_open:
-                holder["channel"] = channel.connection.channel()
-            counts = queue_counts(holder["channel"], queue)
-            return counts is not None and counts[1] >= consumers
-
-        wait_until(ready, timeout=timeout, what=f"{consumers} consumer(s) on {queue!r}", interval=0.2)
+    _poll_queue(amqp_url, queue, lambda counts: counts[1] >= consumers, timeout=timeout,
+                what=f"{consumers} consumer(s) on {queue!r}", interval=0.2)

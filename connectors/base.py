@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Protocol
@@ -86,10 +86,19 @@ class RateLimiter(Protocol):
         ...
 
 
-class ConnectorFactory(Protocol):
-    """Builds a connector from a company's config; raises ``ConfigError`` naming a bad key."""
+ResponseHook = Callable[[int], None]
 
-    def __call__(self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None) -> Connector: ...
+
+class ConnectorFactory(Protocol):
+    """Builds a connector from a company's config; raises ``ConfigError`` naming a bad key.
+
+    ``on_response`` is called with the HTTP status of every upstream response (for metrics);
+    connectors that make no HTTP calls ignore it.
+    """
+
+    def __call__(
+        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None, on_response: ResponseHook | None = None
+    ) -> Connector: ...
 
 
 def resource_spec(connector: Connector, name: str) -> ResourceSpec:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from connectors.base import Connector, ConnectorFactory, RateLimiter
+from connectors.base import Connector, ConnectorFactory, RateLimiter, ResponseHook
 from pipeline.errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
@@ -20,7 +20,10 @@ def names() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def build(name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None) -> Connector:
+def build(
+    name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
+    on_response: ResponseHook | None = None,
+) -> Connector:
     """Build the connector ``name`` from a company's config.
 
     Raises:
@@ -33,7 +36,7 @@ def build(name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None =
         raise ConfigError(f"unknown connector {name!r} (known: {', '.join(names())})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
-    return factory(config, limiter=limiter)
+    return factory(config, limiter=limiter, on_response=on_response)
 
 
 def validate(name: str, config: Mapping[str, Any]) -> None:

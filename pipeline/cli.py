@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,10 +23,13 @@ from pipeline.progress import JobProgress
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings, load_settings
 
+if TYPE_CHECKING:
+    import dramatiq
+
 app = typer.Typer(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 company_app = typer.Typer(help="Manage companies (tenants).", no_args_is_help=True)
-jobs_app = typer.Typer(help="Inspect sync jobs.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect, cancel and retry sync jobs.", no_args_is_help=True)
 app.add_typer(company_app, name="company")
 app.add_typer(jobs_app, name="jobs")
 
@@ -212,7 +215,7 @@ def run_sync(
         broker.close()
 
 
-def watch_job(rt: Runtime, broker: Any, job_id: uuid.UUID, *, total_hint: int) -> JobProgress:
+def watch_job(rt: Runtime, broker: dramatiq.Broker, job_id: uuid.UUID, *, total_hint: int) -> JobProgress:
     """Show a job's progress until it ends: from the LISTEN/NOTIFY feed on PostgreSQL (polling on
     SQLite); on the embedded default the job runs in an in-process worker meanwhile."""
     from actors.inprocess import running_worker

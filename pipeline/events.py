@@ -472,7 +472,7 @@ def wait_for_job_events(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last: JobProgress | None = None
     for progress in follow_job(engine, job_id):
-        if on_progress is not None and (last is None or _progress_key(progress) != _progress_key(last)):
+        if on_progress is not None:  # also when idle: the ETA moves with time
             on_progress(progress)
         last = progress
         if deadline is not None and time.monotonic() >= deadline:

@@ -14,6 +14,7 @@ Inserts do not notify: planning 80,000 tasks would queue 80,000 notifications no
 subscriber starts from a snapshot). Every payload carries ``xid``, the writing transaction's id,
 so a subscriber can skip the notifications its snapshot already reflects. Free text is cut
 short, which keeps each payload far below NOTIFY's 8,000-byte limit.
+``pg_current_xact_id()`` needs PostgreSQL 13 or newer.
 """
 
 from __future__ import annotations

@@ -287,6 +287,11 @@ def _sse(event_id: int, event: Event) -> bytes:
         404: {"model": ErrorBody, "description": "No such job"},
     },
     summary="Live events of a job (Server-Sent Events), ending with its final state",
+    description=(
+        "Events: `snapshot` (the job with its tasks), then `task` (a task's new status or chunk count) "
+        "and `progress` (the job's counts and ETA) in commit order, then `end` (the final state), after "
+        "which the stream closes: an EventSource client should close on `end` rather than reconnect."
+    ),
 )
 async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> Response:
     stream = job_event_stream(state.runtime.engine, control.feed(), job_id)

@@ -74,7 +74,7 @@ def wait_job(rt: Runtime, job_id: uuid.UUID | str, timeout: float = 60) -> None:
 
 def read_events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
     """Parse a ``text/event-stream`` body into ``(event, data)`` pairs (comments skipped)."""
-    name, data = "message", []
+    name, data = "message", list[str]()
     for line in response.iter_lines():
         if not line:
             if data:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -66,10 +67,11 @@ class Size:
         return self.companies * self.partitions
 
 
-# CI: 250 companies × 8 partitions = 2,000 tasks per fault. Soak: 1,250 × 8 = 10,000.
-# RELIABILITY_CI_COMPANIES shrinks the CI size while working on the suite itself.
-CI = Size("ci", companies=int(os.environ.get("RELIABILITY_CI_COMPANIES", "250")))
-SOAK = Size("soak", companies=1_250, workers=4, threads=4, job_timeout_s=900.0)
+# The issue's full size, 2,000 tasks per fault (250 companies × 8 partitions), runs under
+# `pytest -m soak`; CI runs a reduced size so that the nine faults take under five minutes on
+# two cores. RELIABILITY_CI_COMPANIES / RELIABILITY_SOAK_COMPANIES change either.
+CI = Size("ci", companies=int(os.environ.get("RELIABILITY_CI_COMPANIES", "50")))
+SOAK = Size("soak", companies=int(os.environ.get("RELIABILITY_SOAK_COMPANIES", "250")), job_timeout_s=900.0)
 
 # Tiny documents: a few records per partition, one chunk each.
 TINY = {"jobs_per_day": 3, "employees": 2, "teams": 1, "page_size": 50}
@@ -430,9 +432,16 @@ class Harness:
     # -- finishing -------------------------------------------------------------------------
 
     def wait_for_queues_drained(self, *, timeout: float = 60.0) -> None:
-        """Every message handled: nothing ready, delayed or held unacknowledged by a worker."""
-        wait_for(lambda: sum(_queue_totals(self.amqp_url, self.queues).values()) == 0, timeout=timeout,
-                 what="the queues to drain", interval=0.5)
+        """Every message handled: nothing ready, delayed or held unacknowledged by a worker.
+
+        Dead-lettered messages (.XQ) never drain; ``check_queues_empty`` reports them.
+        """
+
+        def drained() -> bool:
+            totals = _queue_totals(self.amqp_url, self.queues)
+            return not any(count for name, count in totals.items() if not name.endswith(".XQ"))
+
+        wait_for(drained, timeout=timeout, what="the queues to drain", interval=0.5)
 
     def finish(
         self,
@@ -530,7 +539,15 @@ def build_harness(
 def teardown_harness(harness: Harness) -> None:
     if harness.sweeper is not None:
         harness.sweeper.stop()
-    harness.fleet.stop_all()
+    try:
+        harness.fleet.stop_all()
+    finally:
+        # Whatever happened above, no worker of this test outlives it.
+        for proc in harness.fleet.processes:
+            if proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
     harness.proxy.stop()
     with suppress(Exception):
         delete_queues(harness.amqp_url, harness.queues)
