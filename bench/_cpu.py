@@ -80,6 +80,10 @@ class CpuWindow:
             self.used[name] = sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
         return self
 
+    def own_ms_per_task(self, tasks: int) -> float:
+        """CPU ms per task of the measured groups together (the rest of the machine left out)."""
+        return 1000 * sum(self.used.values()) / tasks
+
     def per_task_ms(self, tasks: int) -> str:
         parts = [f"{name} {1000 * seconds / tasks:.1f}" for name, seconds in self.used.items()]
         other = self.machine_s - sum(self.used.values())

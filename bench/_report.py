@@ -51,7 +51,7 @@ def _number(value: float, unit: str) -> str:
         text = f"{value:,.0f}"
     else:
         text = f"{value:.1f}" if value < 100 else f"{value:.0f}"
-    return f"{text} {unit}"
+    return f"{text} {unit}".rstrip()
 
 
 def format_table(rows: Sequence[Row]) -> str:

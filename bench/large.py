@@ -58,6 +58,7 @@ class Outcome:
     chunks: int
     continuations: int
     checksum: str
+    last_message_s: float  # the final message: the last chunks, then assembly and publish
 
     @property
     def rate(self) -> float:
@@ -129,15 +130,16 @@ def sync_one(st: Stack, rt: Runtime, running: Fleet, company_id: int, records: i
     with rt.engine.connect() as conn:
         job = conn.execute(select(JOBS).where(JOBS.c.id == planned.job_id)).one()
         task = conn.execute(select(TASKS).where(TASKS.c.job_id == planned.job_id)).one()
-        continuations = conn.execute(select(func.count()).select_from(JOB_LOG).where(
-            JOB_LOG.c.task_id == task.id, JOB_LOG.c.message.like("continuation after chunk%"))).scalar_one()
+        continuations, last_hand_off = conn.execute(select(func.count(), func.max(JOB_LOG.c.created_at)).where(
+            JOB_LOG.c.task_id == task.id, JOB_LOG.c.message.like("continuation after chunk%"))).one()
         dataset = conn.execute(select(DATASETS).where(DATASETS.c.company_id == company_id)).one()
     if job.status != "completed" or dataset.record_count != records:
         raise RuntimeError(f"job {job.id} ended {job.status} with {dataset.record_count} records: {task.error_message}"
                            f"\n{running.log_tail()}")
     return Outcome(records=records, seconds=(job.completed_at - started).total_seconds(),
                    peak=MemoryPeak(running.peak.process_mb, running.peak.tree_mb), chunks=task.chunks,
-                   continuations=int(continuations), checksum=dataset.checksum_sha256)
+                   continuations=int(continuations), checksum=dataset.checksum_sha256,
+                   last_message_s=(job.completed_at - (last_hand_off or started)).total_seconds())
 
 
 def add_company(rt: Runtime, records: int, name: str) -> int:
@@ -165,6 +167,11 @@ def run_case(st: Stack, blob: str, records: int, processes: int, threads: int, b
           f"continuation messages); peak RSS {ours.peak.process_mb:.0f} MB per process, "
           f"{ours.peak.tree_mb:.0f} MB for the tree · in memory: {memory.seconds:.1f} s, "
           f"{memory.rss_mb:.0f} MB", flush=True)
+    limits = rt.settings
+    print(f"    the last message (final chunks, assembly, publish) ran {ours.last_message_s:.1f} s: budget "
+          f"{limits.task_time_budget_s:g} s, lease {limits.lease_seconds:g} s, Dramatiq TimeLimit "
+          f"{limits.message_time_limit_ms / 1000:g} s" + (" — LONGER THAN THE LEASE" if ours.last_message_s >
+                                                           limits.lease_seconds else ""), flush=True)
     same = "same checksum" if memory.checksum == ours.checksum else "CHECKSUMS DIFFER"
     rss_ok = ours.peak.process_mb <= RSS_TARGET_MB
     return [

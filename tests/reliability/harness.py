@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from sqlalchemy import func, insert, select
 
 from actors.broker import make_broker
@@ -39,7 +40,7 @@ from pipeline.settings import Settings
 from pipeline.sweeper import SweepReport, sweep
 from tests.fakes.upstreams import ScheduleApi
 from tests.integration.conftest import WorkerFleet, settings_env
-from tests.invariants import InvariantReport, check_invariants, delete_queues, queue_depths
+from tests.invariants import InvariantReport, check_invariants, delete_queues
 from tests.services import S3Service, port_open, wait_for
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Size:
 # two cores. RELIABILITY_CI_COMPANIES / RELIABILITY_SOAK_COMPANIES change either.
 CI = Size("ci", companies=int(os.environ.get("RELIABILITY_CI_COMPANIES", "50")))
 SOAK = Size("soak", companies=int(os.environ.get("RELIABILITY_SOAK_COMPANIES", "250")), job_timeout_s=900.0)
+# Every fault test runs at both sizes: ``@pytest.mark.parametrize("size", SIZES)``.
+SIZES = [pytest.param(CI, id="ci"), pytest.param(SOAK, id="soak", marks=pytest.mark.soak)]
 
 # Tiny documents: a few records per partition, one chunk each.
 TINY = {"jobs_per_day": 3, "employees": 2, "teams": 1, "page_size": 50}
@@ -529,6 +532,7 @@ def build_harness(
     rt = Runtime.from_settings(direct)
     broker = make_broker(direct)
     actors = declare_actors(broker, rt)
+    assert isinstance(broker, RabbitmqBroker)
     for queue in actors.queues:
         broker.get_queue_message_counts(queue)  # declares the queue with its .DQ and .XQ
     fleet = Fleet(worker_settings, log_dir=log_dir)
@@ -554,11 +558,3 @@ def teardown_harness(harness: Harness) -> None:
     with suppress(Exception):
         harness.actors.broker.close()
     harness.rt.close()
-
-
-def pick(procs: Sequence[subprocess.Popen[bytes]], rng: random.Random) -> subprocess.Popen[bytes]:
-    return rng.choice(list(procs))
-
-
-__all__ = ["CI", "SOAK", "TINY", "Fleet", "Harness", "Size", "SweeperThread", "TcpProxy", "build_harness",
-           "queue_depths", "teardown_harness"]

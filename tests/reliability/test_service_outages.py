@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.models import JOBS
-from tests.reliability.conftest import SIZES
 from tests.reliability.harness import (
+    SIZES,
     TINY,
     Harness,
     Size,
@@ -79,7 +79,8 @@ def test_postgres_restart_mid_run_loses_and_doubles_nothing(make_harness: Any, s
 
 @pytest.mark.parametrize("size", SIZES)
 def test_blob_storage_unreachable_mid_run_delays_but_fails_nothing(make_harness: Any, size: Size) -> None:
-    h: Harness = make_harness(size)
+    # Workers stay up: a long lease keeps a slow machine from adding claims the outage did not cause.
+    h: Harness = make_harness(size, lease_s=60.0)
     h.add_companies(size.companies, TINY)
     h.start_workers()
     h.start_sweeper()

@@ -12,8 +12,7 @@ from sqlalchemy import select
 
 from pipeline.models import TASKS, utcnow
 from tests.fakes.upstreams import ScheduleApi
-from tests.reliability.conftest import SIZES
-from tests.reliability.harness import TINY, Harness, Size, rest_schedule_config
+from tests.reliability.harness import SIZES, TINY, Harness, Size, rest_schedule_config
 
 
 class Bursts:
@@ -55,8 +54,8 @@ def test_bursts_of_429_and_500_from_the_upstream_end_with_every_task_completed(
                         connector="rest", expect={"jobs_per_day": 3, "employees": 2})
         h.start_workers()
         h.start_sweeper()
-        bursts = size.tasks // 150
-        with Bursts(api, every=100, rate_limited=5, errors=4, bursts=bursts) as injected:
+        bursts = size.tasks // 100  # spread over the first half of the run's requests
+        with Bursts(api, every=50, rate_limited=5, errors=4, bursts=bursts) as injected:
             job = h.plan()
             [report] = h.finish(job.job_id)
 

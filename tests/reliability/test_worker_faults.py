@@ -14,8 +14,7 @@ from sqlalchemy import select
 
 from pipeline.models import TASKS
 from tests.fakes.upstreams import ScheduleApi
-from tests.reliability.conftest import SIZES
-from tests.reliability.harness import TINY, Harness, Size, rest_schedule_config
+from tests.reliability.harness import SIZES, TINY, Harness, Size, rest_schedule_config
 from tests.services import wait_for
 
 # A quarter of the companies have partitions of six chunks, each taking a moment upstream, so
@@ -25,8 +24,8 @@ KILLS = 20
 
 
 def expected_chunks(config: dict[str, Any], resource: str) -> int:
-    total = config["jobs_per_day"] if resource == "schedule" else config["employees"]
-    return max(1, -(-total // config["page_size"]))
+    total = int(config["jobs_per_day"] if resource == "schedule" else config["employees"])
+    return max(1, -(-total // int(config["page_size"])))
 
 
 @pytest.mark.parametrize("size", SIZES)
