@@ -64,8 +64,8 @@ def _minio() -> Minio:
     return _client
 
 
-def sync(company_id: int, partition: str, jobs: int) -> None:
-    connector = SyntheticConnector({"jobs_per_day": jobs, "days_ahead": 8})
+def sync(company_id: int, partition: str, jobs: int, version: int) -> None:
+    connector = SyntheticConnector({"jobs_per_day": jobs, "days_ahead": 8, "version": version})
     records = connector.fetch(FetchRequest(company_id=company_id, external_id=None, resource="schedule",
                                            partition=partition)).records
     body = orjson.dumps(schedule(company_id, "schedule", partition, records), option=orjson.OPT_SORT_KEYS)
@@ -76,7 +76,7 @@ def sync(company_id: int, partition: str, jobs: int) -> None:
     _connection().execute(UPSERT, (company_id, partition, key, checksum, len(body), len(records)))
 
 
-def declare(broker: dramatiq.Broker) -> dramatiq.Actor[[int, str, int], None]:
+def declare(broker: dramatiq.Broker) -> dramatiq.Actor[[int, str, int, int], None]:
     return dramatiq.actor(broker=broker, actor_name=ACTOR, queue_name=QUEUE)(sync)
 
 

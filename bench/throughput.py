@@ -9,6 +9,11 @@ Baseline, on the same services with the same process and thread counts: a minima
 hand-written Dramatiq actor (``bench._baseline_worker``, run by the ``dramatiq`` CLI) doing the
 same fetch, render, upload and one upsert per partition. Both produce byte-identical
 documents; the benchmark checks the checksums match.
+
+The three passes (baseline, first sync, unchanged sync) run interleaved, ``--repeat`` rounds
+(3; ``--quick``: 1), and the best of each counts: on a shared 2-core machine the load of other
+work moves single runs by a factor of two. Besides tasks/s it prints CPU per task of the
+workers and the services (less sensitive to that load) and the round trips per task.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def run_ours(rt: Runtime, tasks: int, *, company_ids: list[int] | None = None) -
     return Pass((job.completed_at - started).total_seconds(), tasks)
 
 
-def run_baseline(st: Stack, company_ids: list[int], days: int) -> Pass:
+def run_baseline(st: Stack, company_ids: list[int], days: int, version: int = 0) -> Pass:
     assert st.amqp_url is not None
     tasks = len(company_ids) * days
     broker = RabbitmqBroker(url=st.amqp_url)
@@ -114,15 +119,15 @@ def run_baseline(st: Stack, company_ids: list[int], days: int) -> Pass:
         started = datetime.now(UTC)
         for company in company_ids:
             for partition in partitions(days):
-                actor.send(company, partition, JOBS_PER_PARTITION)
+                actor.send(company, partition, JOBS_PER_PARTITION, version)
     finally:
         broker.close()
     dsn = database_dsn(st.database_url)
 
     def count() -> tuple[int, datetime | None]:
         with psycopg.connect(dsn) as conn:
-            found = conn.execute(f"SELECT count(*), max(synced_at) FROM {baseline.TABLE} WHERE company_id = ANY(%s)",
-                                 (company_ids,)).fetchone()
+            found = conn.execute(f"SELECT count(*), max(synced_at) FROM {baseline.TABLE}"
+                                 " WHERE company_id = ANY(%s) AND synced_at >= %s", (company_ids, started)).fetchone()
         assert found is not None
         return found[0], found[1]
 
@@ -209,7 +214,12 @@ class Result:
     cpu_ms: tuple[float, float, float]  # per task: baseline, first sync, unchanged data
 
 
-def measure(tasks: int, processes: int, threads: int, profile: Path | None) -> Result:
+def measure(tasks: int, processes: int, threads: int, repeat: int, profile: Path | None) -> Result:
+    """Baseline, first sync and unchanged sync, interleaved ``repeat`` times; the best of each counts.
+
+    Each round after the first changes every record (the synthetic connector's ``version``),
+    so that its first sync really writes every document again.
+    """
     with stack("throughput") as st:
         rt = Runtime.from_settings(st.settings(blob="s3"))
         st.cleanups.callback(rt.close)
@@ -218,46 +228,56 @@ def measure(tasks: int, processes: int, threads: int, profile: Path | None) -> R
             company_ids = list(conn.execute(select(COMPANIES.c.id).where(COMPANIES.c.id != warm)).scalars())
         st.admin_sql(baseline.CREATE_TABLE)
         print(f"throughput: {tasks:,} partitions × {JOBS_PER_PARTITION} jobs, {processes} worker processes × "
-              f"{threads} threads, PostgreSQL + RabbitMQ + S3 at {st.s3.endpoint if st.s3 else '?'}", flush=True)
-
-        # Each fleet first runs a warm-up job (imports, connection pools), not timed.
-        with baseline_fleet(st, processes, threads) as running:
+              f"{threads} threads, PostgreSQL + RabbitMQ + S3 at {st.s3.endpoint if st.s3 else '?'}; "
+              f"best of {repeat}", flush=True)
+        passes: dict[str, list[tuple[Pass, float]]] = {"baseline": [], "first": [], "unchanged": []}
+        rewritten = 0
+        with baseline_fleet(st, processes, threads) as bare_fleet, pipeline_fleet(st, rt, processes,
+                                                                                  threads) as our_fleet:
+            # Each fleet first runs a warm-up job (imports, connection pools), not timed.
             run_baseline(st, [warm], WARM_UP_TASKS)
-            window = cpu_window(st, running)
-            bare = run_baseline(st, company_ids, DAYS)
-            print(f"  baseline actor: {bare.seconds:.2f} s, {bare.rate:.1f} tasks/s; "
-                  f"{window.stop().describe(tasks)}", flush=True)
-            bare_cpu = window.own_ms_per_task(tasks)
-            running.check_alive()
-
-        with pipeline_fleet(st, rt, processes, threads) as running:
             run_ours(rt, WARM_UP_TASKS, company_ids=[warm])
             st.admin_sql(f"UPDATE companies SET sync_enabled = false WHERE id = {warm}")
-            window = cpu_window(st, running)
-            first = run_ours(rt, tasks)
-            print(f"  pipeline, first sync: {first.seconds:.2f} s, {first.rate:.1f} tasks/s; "
-                  f"{window.stop().describe(tasks)}", flush=True)
-            first_cpu = window.own_ms_per_task(tasks)
-            second_started = utcnow()
-            time.sleep(0.01)
-            window = cpu_window(st, running)
-            second = run_ours(rt, tasks)
-            print(f"  pipeline, unchanged data: {second.seconds:.2f} s, {second.rate:.1f} tasks/s; "
-                  f"{window.stop().describe(tasks)}", flush=True)
-            second_cpu = window.own_ms_per_task(tasks)
-            rewritten = uploads_since(rt, second_started)
+            for version in range(repeat):
+                if version:
+                    st.admin_sql("UPDATE companies SET connector_config = connector_config || "
+                                 f"'{{\"version\": {version}}}'")
+                window = cpu_window(st, bare_fleet)
+                done = run_baseline(st, company_ids, DAYS, version)
+                passes["baseline"].append((done, window.stop().own_ms_per_task(tasks)))
+                print(f"  round {version + 1}, baseline actor: {done.rate:.1f} tasks/s; {window.describe(tasks)}",
+                      flush=True)
+                for name in ("first", "unchanged"):
+                    moment = utcnow()
+                    time.sleep(0.01)
+                    window = cpu_window(st, our_fleet)
+                    done = run_ours(rt, tasks)
+                    passes[name].append((done, window.stop().own_ms_per_task(tasks)))
+                    label = "first sync" if name == "first" else "unchanged data"
+                    print(f"  round {version + 1}, pipeline, {label}: {done.rate:.1f} tasks/s; "
+                          f"{window.describe(tasks)}", flush=True)
+                    if name == "unchanged":
+                        rewritten += uploads_since(rt, moment)
             differing = same_documents(st)
             if profile is not None:
-                profile_first_sync(st, rt, running, tasks, profile)
-            running.check_alive()
+                profile_first_sync(st, rt, our_fleet, tasks, profile, version=repeat)
+            bare_fleet.check_alive()
+            our_fleet.check_alive()
         first_trips, second_trips = round_trips(rt)
-    return Result(tasks, bare, first, second, rewritten, differing, first_trips, second_trips,
-                  (bare_cpu, first_cpu, second_cpu))
+
+    def best_pass(name: str) -> Pass:
+        return max((found for found, _ in passes[name]), key=lambda found: found.rate)
+
+    def least_cpu(name: str) -> float:
+        return min(cpu for _, cpu in passes[name])
+
+    return Result(tasks, best_pass("baseline"), best_pass("first"), best_pass("unchanged"), rewritten, differing,
+                  first_trips, second_trips, (least_cpu("baseline"), least_cpu("first"), least_cpu("unchanged")))
 
 
-def profile_first_sync(st: Stack, rt: Runtime, running: Fleet, tasks: int, directory: Path) -> None:
+def profile_first_sync(st: Stack, rt: Runtime, running: Fleet, tasks: int, directory: Path, *, version: int) -> None:
     """One more sync with changed data (every document new), under py-spy; not part of the figures."""
-    st.admin_sql("UPDATE companies SET connector_config = connector_config || '{\"version\": 1}'")
+    st.admin_sql(f"UPDATE companies SET connector_config = connector_config || '{{\"version\": {version}}}'")
     directory.mkdir(parents=True, exist_ok=True)
     raw = directory / f"throughput-{uuid.uuid4().hex[:6]}.raw"
     with recording(running.process.pid, raw):
@@ -274,11 +294,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--partitions", type=int, help="partitions (a multiple of 8; overrides --quick)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=4, help="threads per worker process (default 4)")
+    parser.add_argument("--repeat", type=int, help="rounds of the three passes; the best counts (default 3; "
+                                                   "--quick: 1)")
     parser.add_argument("--profile", type=Path, help="after the measured syncs, py-spy one more sync of changed "
                                                      "data; raw stacks and a summary go to this directory")
     args = parser.parse_args(argv)
     tasks = max(1, (args.partitions or (200 if args.quick else 2_000)) // DAYS) * DAYS
-    result = retrying_blips(partial(measure, tasks, args.processes, args.threads, args.profile), what="throughput")
+    repeat = args.repeat or (1 if args.quick else 3)
+    result = retrying_blips(partial(measure, tasks, args.processes, args.threads, repeat, args.profile),
+                            what="throughput")
 
     print(f"  round trips, first sync: {result.first_trips.describe()}")
     print(f"  round trips, unchanged data: {result.second_trips.describe()}")
