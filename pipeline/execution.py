@@ -101,7 +101,8 @@ def run_task(
     started = time.monotonic()
     deadline = started + settings.task_time_budget_s
     try:
-        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter)
+        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
+                                   on_response=metrics.upstream_counter(claim.connector))
         try:
             outcome = _run(rt, claim, connector, deadline, should_stop or _never)
             metrics.task_run(claim.resource, outcome.value, started)
