@@ -224,3 +224,19 @@ def test_two_worker_processes_never_exceed_the_upstream_rate_limit(
     for index, stamp in enumerate(stamps):
         in_window = sum(1 for other in stamps[index:] if other - stamp < 1.0)
         assert in_window <= 5, f"{in_window} requests within one second starting at {stamp}"
+
+
+@pytest.mark.settings(task_time_budget_s=0.001)
+def test_page_paginator_publishes_the_whole_schedule_across_continuation_messages(
+    stack: Runtime, actors: Actors, worker: dramatiq.Worker, schedule_api: ScheduleApi
+) -> None:
+    company = add_company(stack.engine, name="c", connector="rest", config=schedule_config(schedule_api)).id
+    job = run_job(stack, actors)
+    assert check_job_counters(stack.engine, job.job_id) == {"completed": 1}
+    with stack.engine.connect() as conn:
+        partition = conn.execute(select(SyncTask.partition_key)).scalar_one()
+        chunks = conn.execute(select(SyncTask.chunks)).scalar_one()
+    jobs = document_of(stack, company, "schedule")["jobs"]
+    assert [j["id"] for j in jobs] == sorted(j["JobInformationId"] for j in schedule_api.jobs(partition))
+    assert chunks == 7, "25 jobs, 4 per page; a spent budget cuts each chunk to one page"
+    assert all(count == 1 for count in pages_requested(schedule_api).values()), "a page was fetched twice"
