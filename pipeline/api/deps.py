@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -39,7 +39,7 @@ from connectors.policy import FieldPolicy
 from pipeline.auth import Principal, TokenVerifier
 from pipeline.errors import AuthError, PipelineError
 from pipeline.models import Company, Dataset
-from pipeline.policies import FULL_VIEW, apply_policy
+from pipeline.policies import FULL_VIEW, apply_policy, view_key
 from pipeline.runtime import Runtime
 from storage.cache import ByteCache, read_verified
 
@@ -49,6 +49,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 MAX_PARTITION_LENGTH = 200  # datasets.partition_key is VARCHAR(200)
+MAX_VIEWS_PER_COMPANY = 10_000
 
 
 class TTLCache(Generic[K, V]):
@@ -133,6 +134,17 @@ class CompanyView:
     id: int
     toggles: Mapping[str, Any]
     resources: Mapping[str, ResourceSpec]
+    _views: dict[tuple[str, str, str | None], str] = field(default_factory=dict, compare=False, repr=False)
+
+    def view(self, resource: ResourceSpec, principal: Principal) -> str:
+        """``view_key`` for ``principal`` on ``resource``, remembered for this snapshot of the company."""
+        key = (resource.name, principal.role, principal.employee_id)
+        found = self._views.get(key)
+        if found is None:
+            found = view_key(resource.policy, principal.role, principal.employee_id, self.toggles)
+            if len(self._views) < MAX_VIEWS_PER_COMPANY:
+                self._views[key] = found
+        return found
 
 
 @dataclass(frozen=True, slots=True)

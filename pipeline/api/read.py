@@ -31,7 +31,7 @@ from pipeline.api.deps import (
 from pipeline.api.errors import ERROR_RESPONSES, ErrorBody
 from pipeline.auth import Principal
 from pipeline.errors import NotFound
-from pipeline.policies import FULL_VIEW, view_key
+from pipeline.policies import FULL_VIEW
 
 CACHE_CONTROL = "private, max-age=300"
 
@@ -96,7 +96,7 @@ async def list_partitions(request: Request, resource: ResourceName, principal: C
     state = api_state(request)
     company, spec = await _resource(state, principal, resource)
     datasets = await state.listing(company.id, resource)
-    view = view_key(spec.policy, principal.role, principal.employee_id, company.toggles)
+    view = company.view(spec, principal)
     counts = [dataset.record_count for dataset in datasets]
     if view != FULL_VIEW and spec.policy.rows is not None and datasets:
         # The count a technician gets is that of their view, as in the document's own counts.
@@ -158,7 +158,7 @@ async def read_partition(
     dataset = await state.dataset(company.id, resource, partition)
     if dataset is None:
         raise NotFound(f"{resource}/{partition}")
-    view = view_key(spec.policy, principal.role, principal.employee_id, company.toggles)
+    view = company.view(spec, principal)
     headers = {"ETag": etag_for(dataset.checksum, view), "Cache-Control": CACHE_CONTROL}
     if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
         return Response(status_code=304, headers=headers)
