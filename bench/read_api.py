@@ -3,7 +3,8 @@
 Sets up a fresh PostgreSQL database and a local blob directory holding one 50-job schedule
 document, starts the API the way ``pipeline serve`` does (uvicorn, ``--workers`` processes) from
 a factory that adds two bench-only routes, then drives each target from another process (wrk
-when installed, else an async httpx load generator) with 64 connections:
+when installed, else an async httpx load generator) with 64 connections, 20 s per target (3 s
+with ``--quick``) split into interleaved runs so that a busy neighbour skews every target alike:
 
 - ``read_api``: ``GET /v1/schedule/{partition}`` with a technician token (filtered view);
 - ``ceiling``: the same server answering the same filtered body as pre-serialized bytes;
@@ -373,9 +374,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=1,
         help="split each target's time into this many runs, interleaved with the other targets, so that"
-        " a busy neighbour slows every target alike; figures are then the median of the runs",
+        " a busy neighbour slows every target alike; figures are then the median run's (default: 4, quick: 3)",
     )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -393,6 +393,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     duration = args.duration or (3.0 if args.quick else 20.0)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 4
     if args.rounds < 1 or duration / args.rounds < 1:
         parser.error("--rounds must be at least 1 and leave at least 1 s per run")
     tool = args.loadgen_tool
