@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from pipeline.migrate import upgrade
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import Settings, load_settings, settings_environment
 from tests import services
 from tests.services import S3Service
 
@@ -267,9 +267,7 @@ def stack(name: str, *, broker: bool = True, s3: bool = True) -> Iterator[Stack]
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that reproduces ``settings`` in a ``pipeline`` subprocess."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PIPELINE_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(settings_environment(settings))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env

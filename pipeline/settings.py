@@ -102,6 +102,15 @@ class Settings(BaseSettings):
         return self.database_url.startswith(("postgresql", "postgres"))
 
 
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``settings`` as ``PIPELINE_*`` variables: what a child process (a uvicorn or Dramatiq
+    worker, a test's subprocess) needs to rebuild exactly the same settings."""
+    environment = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            environment[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return environment
+
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment, turning validation errors into one clear message.
 

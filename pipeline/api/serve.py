@@ -10,16 +10,9 @@ import uvicorn
 
 from pipeline.api.app import FACTORY
 from pipeline.auth import jwt_secret
-from pipeline.settings import Settings
+from pipeline.settings import Settings, settings_environment
 
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """``settings`` as ``PIPELINE_*`` variables, so that worker processes rebuild the same settings."""
-    environment = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            environment[f"PIPELINE_{name.upper()}"] = str(value)
-    return environment
+__all__ = ["log_config", "serve", "settings_environment"]
 
 
 def log_config(level: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from actors.tasks import Actors, declare_actors
 from pipeline.migrate import upgrade
 from pipeline.models import Base
 from pipeline.runtime import Runtime
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import Settings, load_settings, settings_environment
 from tests.services import S3Service
 
 FAST_RETRIES = {"retry_min_backoff_ms": 50, "retry_max_backoff_ms": 200}
@@ -109,10 +109,7 @@ def worker(actors: Actors) -> Iterator[dramatiq.Worker]:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``PIPELINE_*`` environment that reproduces ``settings`` in a subprocess."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PIPELINE_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
+    return {**env, **settings_environment(settings)}
 
 
 @dataclass
