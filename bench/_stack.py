@@ -27,10 +27,13 @@ from urllib.parse import quote
 import pika
 import pika.exceptions
 import psycopg
+from sqlalchemy import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from pipeline.migrate import upgrade
+from pipeline.models import COMPANIES, utcnow
+from pipeline.runtime import Runtime
 from pipeline.settings import Settings, load_settings, settings_environment
 from tests import services
 from tests.services import S3Service
@@ -384,3 +387,15 @@ def wait_for_depth(amqp_url: str, queue: str, depth: int, *, timeout: float) -> 
 def wait_for_consumers(amqp_url: str, queue: str, consumers: int, *, timeout: float = 120) -> None:
     _poll_queue(amqp_url, queue, lambda counts: counts[1] >= consumers, timeout=timeout,
                 what=f"{consumers} consumer(s) on {queue!r}", interval=0.2)
+
+
+def add_synthetic_companies(rt: Runtime, count: int, config: dict[str, Any]) -> None:
+    """``count`` synthetic companies sharing ``config``, inserted in one statement."""
+    now = utcnow()
+    with rt.engine.begin() as conn:
+        conn.execute(insert(COMPANIES), [
+            {"name": f"Company {index}", "external_id": f"ext-{index}", "sync_enabled": True,
+             "connector": "synthetic", "connector_config": config, "feature_toggles": {},
+             "created_at": now, "updated_at": now}
+            for index in range(count)
+        ])

@@ -27,14 +27,22 @@ from typing import TYPE_CHECKING
 import pika
 import psycopg
 from dramatiq import Message
-from sqlalchemy import insert, text
+from sqlalchemy import text
 
 from actors.broker import make_broker
 from actors.tasks import SYNC_PARTITION, Actors, declare_actors
 from bench._report import Row, at_most, best, load_line, print_table, row, spread
-from bench._stack import Stack, amqp_channel, database_dsn, retrying_blips, stack, wait_for_depth
+from bench._stack import (
+    Stack,
+    add_synthetic_companies,
+    amqp_channel,
+    database_dsn,
+    retrying_blips,
+    stack,
+    wait_for_depth,
+)
 from pipeline.dispatch import Dispatcher
-from pipeline.models import COMPANIES, utcnow
+from pipeline.models import utcnow
 from pipeline.planning import plan_job
 from pipeline.runtime import Runtime
 
@@ -56,14 +64,7 @@ class Timing:
 
 def add_companies(rt: Runtime, count: int) -> None:
     """``count`` synthetic companies (7 schedule days + users = 8 partitions each), in one statement."""
-    now = utcnow()
-    with rt.engine.begin() as conn:
-        conn.execute(insert(COMPANIES), [
-            {"name": f"Company {index}", "external_id": f"ext-{index}", "sync_enabled": True,
-             "connector": "synthetic", "connector_config": {"jobs_per_day": 50}, "feature_toggles": {},
-             "created_at": now, "updated_at": now}
-            for index in range(count)
-        ])
+    add_synthetic_companies(rt, count, {"jobs_per_day": 50})
 
 
 def reset(rt: Runtime, amqp_url: str) -> None:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import psycopg
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from bench._report import Row, load_line, print_table, row
-from bench._stack import Stack, database_dsn, retrying_blips, stack
+from bench._stack import Stack, add_synthetic_companies, database_dsn, retrying_blips, stack
 from pipeline.execution import Outcome, run_task
-from pipeline.models import COMPANIES, DATASETS, utcnow
+from pipeline.models import DATASETS
 from pipeline.planning import plan_job
 from pipeline.runtime import Runtime
 
@@ -37,15 +37,7 @@ TARGET_MB = 50.0
 
 
 def add_companies(rt: Runtime, count: int) -> None:
-    now = utcnow()
-    config = {"jobs_per_day": JOBS_PER_PARTITION, "days_ahead": DAYS}
-    with rt.engine.begin() as conn:
-        conn.execute(insert(COMPANIES), [
-            {"name": f"Company {index}", "external_id": f"ext-{index}", "sync_enabled": True,
-             "connector": "synthetic", "connector_config": config, "feature_toggles": {},
-             "created_at": now, "updated_at": now}
-            for index in range(count)
-        ])
+    add_synthetic_companies(rt, count, {"jobs_per_day": JOBS_PER_PARTITION, "days_ahead": DAYS})
 
 
 def sync_all(rt: Runtime, threads: int) -> int:

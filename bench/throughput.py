@@ -40,7 +40,16 @@ from bench._cpu import CpuWindow, matching, tree
 from bench._fleet import Fleet, dramatiq_command, fleet, pipeline_worker_command
 from bench._profile import recording, summarize
 from bench._report import Row, at_least, load_line, print_table, row
-from bench._stack import Stack, database_dsn, retrying_blips, settings_env, stack, wait_for_consumers, wait_until
+from bench._stack import (
+    Stack,
+    add_synthetic_companies,
+    database_dsn,
+    retrying_blips,
+    settings_env,
+    stack,
+    wait_for_consumers,
+    wait_until,
+)
 from bench._trips import Trips, probe
 from pipeline.execution import run_task
 from pipeline.models import COMPANIES, DATASETS, JOBS, utcnow
@@ -64,15 +73,10 @@ class Pass:
 
 def add_companies(rt: Runtime, count: int) -> int:
     """``count`` companies of 8 schedule days, plus a warm-up company; returns the warm-up one's id."""
-    now = utcnow()
     config = {"jobs_per_day": JOBS_PER_PARTITION, "days_ahead": DAYS}
+    add_synthetic_companies(rt, count, config)
+    now = utcnow()
     with rt.engine.begin() as conn:
-        conn.execute(insert(COMPANIES), [
-            {"name": f"Company {index}", "external_id": f"ext-{index}", "sync_enabled": True,
-             "connector": "synthetic", "connector_config": config, "feature_toggles": {},
-             "created_at": now, "updated_at": now}
-            for index in range(count)
-        ])
         warm: int = conn.execute(insert(COMPANIES).values(
             name="Warm-up", external_id="warm-up", sync_enabled=True, connector="synthetic",
             connector_config={"jobs_per_day": JOBS_PER_PARTITION, "days_ahead": WARM_UP_TASKS},

@@ -12,6 +12,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -186,7 +187,7 @@ def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, shoul
     document = raw = None
     try:
         if base_key is not None:
-            runs.add_sorted(lambda key=base_key: read_ndjson(rt.store.open(key)))  # type: ignore[misc]
+            runs.add_sorted(partial(_read_records, rt, base_key))
         if single is not None:
             runs.add(single, spill=False)
         else:
@@ -226,6 +227,10 @@ class _Bookmark:
     @property
     def value(self) -> str | None:
         return None if self.best is None else str(self.best)
+
+
+def _read_records(rt: Runtime, key: str) -> Iterator[Record]:
+    return read_ndjson(rt.store.open(key))
 
 
 def _bookmark(rt: Runtime, claim: Claim) -> str | None:

@@ -68,7 +68,7 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, now: datetime | 
     if engine.dialect.name == "postgresql":
         row = _claim_in_one_statement(engine, statement, now)
     else:
-        row = _claim_in_steps(engine, statement, now)
+        row = _claim_in_steps(engine, task_id, statement, now)
     if row is None:
         return None
     return Claim(
@@ -108,32 +108,25 @@ def _claim_in_one_statement(engine: Engine, claim: Any, now: datetime) -> Any:
         return conn.execute(query).one_or_none()
 
 
-def _claim_in_steps(engine: Engine, claim: Any, now: datetime) -> Any:
-    """SQLite has no data-modifying CTEs: the same claim as a few statements in one transaction."""
+def _claim_in_steps(engine: Engine, task_id: int, claim: Any, now: datetime) -> Any:
+    """SQLite has no data-modifying CTEs: the same claim as a few statements in one transaction,
+    ending with one read of the row the one-statement claim returns."""
     with engine.begin() as conn:
-        row = conn.execute(claim).one_or_none()
-        if row is None:
+        claimed = conn.execute(claim).one_or_none()
+        if claimed is None:
             return None
         conn.execute(
-            update(JOBS).where(JOBS.c.id == row.job_id, JOBS.c.status == "pending")
+            update(JOBS).where(JOBS.c.id == claimed.job_id, JOBS.c.status == "pending")
             .values(status="processing", started_at=now)
         )
-        extra = conn.execute(
-            select(JOBS.c.mode, COMPANIES.c.external_id, COMPANIES.c.connector, COMPANIES.c.connector_config)
-            .select_from(JOBS).join(COMPANIES, COMPANIES.c.id == row.company_id)
-            .where(JOBS.c.id == row.job_id)
+        return conn.execute(
+            select(TASKS.c.job_id, TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key, TASKS.c.attempts,
+                   TASKS.c.chunks, TASKS.c.fetch_state, JOBS.c.mode, COMPANIES.c.external_id,
+                   COMPANIES.c.connector, COMPANIES.c.connector_config)
+            .join(JOBS, JOBS.c.id == TASKS.c.job_id)
+            .join(COMPANIES, COMPANIES.c.id == TASKS.c.company_id)
+            .where(TASKS.c.id == task_id)
         ).one()
-    return _Row({**row._mapping, **extra._mapping})
-
-
-class _Row(dict[str, Any]):
-    """Attribute access over a merged mapping (the shape of the one-statement claim's row)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def _fenced(conn: Connection, claim: Claim, **values: Any) -> None:
