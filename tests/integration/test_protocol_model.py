@@ -35,11 +35,11 @@ from hypothesis.stateful import (
 from sqlalchemy import select, text
 
 from connectors.base import Record, ResourceSpec
-from errors import LeaseLost, TaskCancelled, VersionChanged
+from errors import LeaseLost, PipelineError, TaskCancelled, VersionChanged
 from pipeline.attempt import Attempt
 from pipeline.cleanup import collect_garbage
 from pipeline.control import InvalidJobState, cancel_job, retry_job
-from pipeline.execution import Outcome, RetryTask, finish, run_task
+from pipeline.execution import Outcome, RetryTask, _failed, finish, run_task
 from pipeline.jobs import claim_task
 from pipeline.models import DATASETS, JOBS, TASKS, Base
 from pipeline.planning import plan_job
@@ -111,7 +111,9 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
         @initialize(pages=st.integers(1, 4))
         def setup(self, pages: int) -> None:
             self.pages = pages
-            script = Script(pages=lambda request: [page_records(p, self.version) for p in range(self.pages)])
+            # What the upstream serves differs per attempt, so any part written by the wrong claim shows.
+            script = Script(pages=lambda request: [page_records(p, self._variant(request.attempt))
+                                                   for p in range(self.pages)])
             from pipeline.companies import add_company
 
             self.company = add_company(rt.engine, name="model", connector=scripted.NAME, config=install(script)).id
@@ -125,6 +127,9 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             self.tasks.extend(planned.task_ids)
             for task in planned.task_ids:
                 self.committed[task] = []
+
+        def _variant(self, attempt: int) -> int:
+            return self.version * 100 + attempt
 
         def _row(self, task: int) -> Any:
             with rt.engine.connect() as conn:
@@ -181,8 +186,9 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             worker = data.draw(st.sampled_from(sorted(
                 w for w, h in self.held.items() if h.staged is None and not h.state.get("done"))))
             held = self.held[worker]
-            key = held.attempt.stage(held.chunks, page_records(held.chunks, self.version))
-            held.staged = (key, self.version)
+            variant = self._variant(held.attempt.claim.attempts)
+            key = held.attempt.stage(held.chunks, page_records(held.chunks, variant))
+            held.staged = (key, variant)
 
         @precondition(lambda self: any(h.staged is None and not h.state.get("done") for h in self.held.values()))
         @rule(data=st.data())
@@ -193,7 +199,8 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
 
         def _fetch_chunk(self, worker: int) -> None:
             held = self.held[worker]
-            held.staged = (held.attempt.stage(held.chunks, page_records(held.chunks, self.version)), self.version)
+            variant = self._variant(held.attempt.claim.attempts)
+            held.staged = (held.attempt.stage(held.chunks, page_records(held.chunks, variant)), variant)
             self._save(worker)
 
         @precondition(lambda self: any(h.staged is not None for h in self.held.values()))
@@ -246,18 +253,22 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             single = None
             versions = list(held.versions)
             if held.chunks == 0:  # one page: nothing staged
-                single, versions = page_records(0, self.version), [self.version]
+                variant = self._variant(held.attempt.claim.attempts)
+                single, versions = page_records(0, variant), [variant]
             try:
                 finish(held.attempt, self.spec, held.state, held.chunks, single=single)
             except (LeaseLost, TaskCancelled):
                 self._refused(worker)
                 return
-            except VersionChanged as exc:  # as run_task does: the lineage starts over
+            except PipelineError as exc:
+                # As run_task does: classified and recorded under the fence (a zombie whose parts
+                # were cleaned up gets LeaseLost there; a stale lineage starts over).
                 try:
-                    held.attempt.fail(str(exc), final=held.attempt.claim.attempts >= MAX_ATTEMPTS, restart=True)
-                except (LeaseLost, TaskCancelled):
+                    _failed(held.attempt, exc, 0.0)
+                except RetryTask:
                     pass
-                self.committed[held.attempt.claim.task_id] = []
+                if isinstance(exc, VersionChanged):
+                    self.committed[held.attempt.claim.task_id] = []
                 self._refused(worker)
                 return
             STATS["publishes"] += 1
@@ -369,8 +380,9 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
                     except RetryTask:
                         continue
                     if outcome is Outcome.COMPLETED:
-                        resumed = self.committed[task][:saved] if saved < self.pages or self.pages > 1 else []
-                        self.published = resumed + [self.version] * (self.pages - len(resumed))
+                        resumed = self.committed[task][:saved]
+                        variant = self._variant(self._row(task).attempts)
+                        self.published = resumed + [variant] * (self.pages - len(resumed))
             for task in self.tasks:
                 assert self._row(task).status in ("completed", "failed", "cancelled"), f"task {task} never ended"
             for job_id in self.jobs:
