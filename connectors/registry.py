@@ -46,9 +46,6 @@ def validate(name: str, config: Mapping[str, Any]) -> None:
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the registry never drags in every connector's deps.
-    import connectors.synthetic
-
-    try:
-        import connectors.rest  # noqa: F401
-    except ImportError:  # the REST connector is optional until it lands
-        pass
+    import connectors.graphql
+    import connectors.rest
+    import connectors.synthetic  # noqa: F401

@@ -213,6 +213,7 @@ class HttpClient:
         deadline: float | None = None,
         idempotent: bool = True,
         auth: httpx.Auth | None = None,
+        ok_statuses: frozenset[int] = frozenset(),
     ) -> httpx.Response:
         """Send one request with the retries of ``get``.
 
@@ -222,6 +223,8 @@ class HttpClient:
                 have acted on it (a rotating refresh-token grant): only failures before the
                 request was sent, and 429, are retried.
             auth: overrides the client's auth for this request.
+            ok_statuses: statuses returned like a 2xx instead of raised (an OAuth2 error body
+                to read).
 
         Raises:
             UpstreamError: as for ``get``.
@@ -250,7 +253,7 @@ class HttpClient:
             except httpx.HTTPError as exc:
                 raise UpstreamError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
             status = response.status_code
-            if status < 300:
+            if status < 300 or status in ok_statuses:
                 return response
             if not retryable_status(status):
                 raise UpstreamError(self._describe(response), retryable=False, status=status)
