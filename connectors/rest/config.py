@@ -41,7 +41,7 @@ from pydantic_core import ErrorDetails
 
 from connectors.oauth2 import OAuth2ClientCredentials, OAuth2RefreshToken
 from connectors.transforms import TRANSFORMS
-from pipeline.errors import ConfigError
+from errors import ConfigError
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
 

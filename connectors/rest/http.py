@@ -25,7 +25,7 @@ import tenacity
 
 from connectors.base import RateLimiter
 from connectors.rest.config import ParamValue, RetryConfig
-from pipeline.errors import UpstreamError
+from errors import UpstreamError
 
 EXCERPT_CHARS = 200
 
