@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 
-from pipeline.errors import UpstreamError
+from errors import UpstreamError
 
 if TYPE_CHECKING:
     from connectors.rest.http import HttpClient

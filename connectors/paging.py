@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from connectors.base import Chunk, FetchState, Record
-from pipeline.errors import UpstreamError
+from errors import UpstreamError
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from connectors.rest.config import (
     validation_problems,
 )
 from connectors.transforms import TRANSFORMS
-from pipeline.errors import ConfigError
+from errors import ConfigError
 
 VariableName = Annotated[str, StringConstraints(pattern=r"^[_A-Za-z][_0-9A-Za-z]*$", max_length=200)]
 VariableValue = str | int | float | bool | None

@@ -22,7 +22,7 @@ from connectors.rest.connector import RestConnector, build_auth, partition_keys
 from connectors.rest.http import HttpClient
 from connectors.rest.paginators import MISSING, Page, lookup
 from connectors.transforms import POLICIES
-from pipeline.errors import ConfigError, ConnectorError, UpstreamError
+from errors import ConfigError, ConnectorError, UpstreamError
 
 # Codes providers use for a throttled query answered with HTTP 200 (Shopify: extensions.code
 # THROTTLED; GitHub: type RATE_LIMITED): another attempt later may succeed.

@@ -16,7 +16,7 @@ from connectors.graphql.config import (
     RelayPaginatorConfig,
 )
 from connectors.rest.paginators import MISSING, Page, PageState, lookup
-from pipeline.errors import UpstreamError
+from errors import UpstreamError
 
 Variables = dict[str, Any]
 
