@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from connectors.policy import FieldPolicy
+
+if TYPE_CHECKING:
+    from connectors.oauth2 import TokenStore
 
 Record = dict[str, Any]
 FetchState = dict[str, Any]
@@ -93,11 +96,13 @@ class ConnectorFactory(Protocol):
     """Builds a connector from a company's config; raises ``ConfigError`` naming a bad key.
 
     ``on_response`` is called with the HTTP status of every upstream response (for metrics);
-    connectors that make no HTTP calls ignore it.
+    connectors that make no HTTP calls ignore it. ``tokens`` is the company's OAuth2 token
+    store (``connectors.oauth2.TokenStore``), used by connectors whose config asks for OAuth2.
     """
 
     def __call__(
-        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None, on_response: ResponseHook | None = None
+        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None, on_response: ResponseHook | None = None,
+        tokens: TokenStore | None = None,
     ) -> Connector: ...
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.base import Connector, ConnectorFactory, RateLimiter, ResponseHook
+from connectors.oauth2 import TokenStore
 from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
@@ -22,7 +23,7 @@ def names() -> list[str]:
 
 def build(
     name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
-    on_response: ResponseHook | None = None,
+    on_response: ResponseHook | None = None, tokens: TokenStore | None = None,
 ) -> Connector:
     """Build the connector ``name`` from a company's config.
 
@@ -36,7 +37,7 @@ def build(
         raise ConfigError(f"unknown connector {name!r} (known: {', '.join(names())})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
-    return factory(config, limiter=limiter, on_response=on_response)
+    return factory(config, limiter=limiter, on_response=on_response, tokens=tokens)
 
 
 def validate(name: str, config: Mapping[str, Any]) -> None:

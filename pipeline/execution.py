@@ -27,6 +27,7 @@ from pipeline.datasets import current_version, publish, records_key, remove_stag
 from pipeline.errors import FailureKind, LeaseLost, PipelineError, TaskCancelled, classify
 from pipeline.jobs import Claim, claim_task, hand_off, record_attempt_failure, save_progress
 from pipeline.models import CURSORS
+from pipeline.oauth_tokens import token_store
 from pipeline.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def run_task(
     deadline = started + settings.task_time_budget_s
     try:
         connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
-                                   on_response=metrics.upstream_counter(claim.connector))
+                                   on_response=metrics.upstream_counter(claim.connector),
+                                   tokens=token_store(rt, claim.company_id))
         try:
             outcome = _run(rt, claim, connector, deadline, should_stop or _never)
             metrics.task_run(claim.resource, outcome.value, started)

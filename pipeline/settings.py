@@ -6,7 +6,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from apscheduler.triggers.cron import CronTrigger
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_unfinished_jobs: int = Field(default=3, ge=1)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # `pipeline worker` serves /metrics here
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Tenant secrets at rest (pipeline.secrets): comma-separated Fernet keys, the first encrypts.
+    secrets_key: SecretStr | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -107,6 +109,8 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     worker, a test's subprocess) needs to rebuild exactly the same settings."""
     environment = {}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             environment[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return environment

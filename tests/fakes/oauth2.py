@@ -74,6 +74,11 @@ class OAuth2Provider(FakeUpstream):
             self._grants.append(_Grant(client_id, token))
             return token
 
+    def current_refresh_token(self, grant: int = 0) -> str | None:
+        """The refresh token the provider accepts now for the ``grant``-th grant issued."""
+        with self._lock:
+            return self._grants[grant].refresh_token
+
     def revoked(self) -> bool:
         with self._lock:
             return any(grant.revoked for grant in self._grants)

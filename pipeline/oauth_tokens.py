@@ -1,0 +1,170 @@
+"""OAuth2 tokens in the database: ``connectors.oauth2.TokenStore`` for every worker on every host.
+
+One ``oauth_tokens`` row per company. ``refresh`` runs in one transaction holding the row's lock
+(``SELECT … FOR UPDATE`` on PostgreSQL; a process lock as well, which is all SQLite's embedded
+mode needs): it re-reads the row, returns the token another worker stored while this one
+waited, or calls the token endpoint and stores its answer — the rotated refresh token included —
+and commits before the new access token leaves this module. So at most one worker per company
+spends a refresh token, and the refresh token in the row is always the provider's current one
+(unless a worker dies between the provider's answer and the commit: the provider then sees the
+old token again and revokes the grant, which ``upstream_auth`` reports).
+
+Tokens are sealed with a ``Sealer`` (Fernet under ``PIPELINE_SECRETS_KEY``, the key that seals
+every tenant secret). Expiries are kept in UTC; the 60 s refresh margin absorbs the clock skew of
+NTP-synchronised hosts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from connectors.oauth2 import AccessToken, Obtain, UpstreamAuthError
+from pipeline.errors import ConfigError
+from pipeline.models import OAUTH_TOKENS
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
+
+
+class Sealer(Protocol):
+    """Encrypts a secret into ``{"$secret": token}`` and back (``pipeline.secrets.SecretBox``)."""
+
+    def seal(self, value: str) -> dict[str, str]: ...
+
+    def open(self, sealed: Mapping[str, Any], *, where: str = "config") -> str: ...
+
+
+class FernetSealer:
+    """A ``Sealer`` on Fernet keys (comma-separated, the first encrypts: ``MultiFernet``).
+
+    Raises ``ConfigError`` naming ``PIPELINE_SECRETS_KEY`` when no key is set and a token must
+    be sealed or opened.
+    """
+
+    def __init__(self, keys: str | None) -> None:
+        from cryptography.fernet import Fernet, MultiFernet
+
+        entries = [entry.strip() for entry in (keys or "").split(",") if entry.strip()]
+        try:
+            self._fernet = MultiFernet([Fernet(entry) for entry in entries]) if entries else None
+        except ValueError:
+            raise ConfigError("PIPELINE_SECRETS_KEY: an entry is not a Fernet key") from None
+
+    def _require(self) -> Any:
+        if self._fernet is None:
+            raise ConfigError("PIPELINE_SECRETS_KEY is not set: it is needed to store OAuth2 tokens encrypted")
+        return self._fernet
+
+    def seal(self, value: str) -> dict[str, str]:
+        return {"$secret": self._require().encrypt(value.encode()).decode()}
+
+    def open(self, sealed: Mapping[str, Any], *, where: str = "config") -> str:
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return str(self._require().decrypt(str(sealed["$secret"]).encode()).decode())
+        except (InvalidToken, KeyError, UnicodeDecodeError):
+            raise ConfigError(f"{where}: no key in PIPELINE_SECRETS_KEY decrypts this token") from None
+
+
+class DatabaseTokenStore:
+    """``TokenStore`` for one company on the pipeline's database (see the module docstring).
+
+    Parameters:
+        engine: the pipeline's engine (PostgreSQL, or SQLite in the embedded mode).
+        company_id: whose tokens.
+        sealer: seals the tokens at rest.
+    """
+
+    # Serialises refreshes within this process too (SQLite ignores FOR UPDATE).
+    _process_locks: ClassVar[dict[int, threading.Lock]] = {}
+    _locks_guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, engine: Engine, company_id: int, *, sealer: Sealer) -> None:
+        self.engine = engine
+        self.company_id = company_id
+        self.sealer = sealer
+
+    def _process_lock(self) -> threading.Lock:
+        with self._locks_guard:
+            return self._process_locks.setdefault(self.company_id, threading.Lock())
+
+    def _token(self, row: Any) -> AccessToken | None:
+        if row.access_token is None:
+            return None
+        value = self.sealer.open(row.access_token, where=f"oauth_tokens of company {self.company_id}")
+        left = None if row.expires_at is None else (row.expires_at - datetime.now(UTC)).total_seconds()
+        return AccessToken(value, left)
+
+    def current(self, grant: str) -> AccessToken | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(OAUTH_TOKENS).where(OAUTH_TOKENS.c.company_id == self.company_id)).first()
+        if row is None or row.grant_fingerprint != grant or row.revoked_reason is not None:
+            return None
+        return self._token(row)
+
+    def refresh(self, grant: str, *, stale: str | None, obtain: Obtain) -> AccessToken:
+        table = OAUTH_TOKENS
+        mine = table.c.company_id == self.company_id
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        with self._process_lock(), self.engine.connect() as conn:
+            with conn.begin():
+                conn.execute(
+                    insert(table)
+                    .values(company_id=self.company_id, grant_fingerprint=grant, refreshes=0,
+                            updated_at=datetime.now(UTC))
+                    .on_conflict_do_nothing(index_elements=["company_id"])
+                )
+                row = conn.execute(select(table).where(mine).with_for_update()).one()
+                if row.grant_fingerprint != grant:
+                    # Re-authorized: a new grant in the config; what the row holds is the old one's.
+                    conn.execute(update(table).where(mine).values(
+                        grant_fingerprint=grant, access_token=None, expires_at=None, refresh_token=None,
+                        revoked_reason=None, updated_at=datetime.now(UTC)))
+                    row = conn.execute(select(table).where(mine)).one()
+                if row.revoked_reason is not None:
+                    raise UpstreamAuthError(row.revoked_reason)
+                held = self._token(row)
+                if held is not None and held.value != stale and held.fresh():
+                    return held  # another worker refreshed while this one waited for the lock
+                where = f"oauth_tokens of company {self.company_id}"
+                refresh_token = self.sealer.open(row.refresh_token, where=where) if row.refresh_token else None
+                try:
+                    answer = obtain(refresh_token)
+                except UpstreamAuthError as exc:
+                    revoked: UpstreamAuthError | None = exc
+                else:
+                    revoked = None
+                    expires_at = (None if answer.expires_in_s is None
+                                  else datetime.now(UTC) + timedelta(seconds=answer.expires_in_s))
+                    conn.execute(update(table).where(mine).values(
+                        access_token=self.sealer.seal(answer.access_token),
+                        expires_at=expires_at,
+                        refresh_token=(self.sealer.seal(answer.refresh_token) if answer.refresh_token
+                                       else row.refresh_token),
+                        refreshes=table.c.refreshes + 1,
+                        updated_at=datetime.now(UTC),
+                    ))
+                if revoked is not None:
+                    # Recorded (and committed on leaving the block) so the company's other tasks
+                    # fail at once instead of presenting the refused token again.
+                    conn.execute(update(table).where(mine).values(
+                        revoked_reason=str(revoked), access_token=None, expires_at=None,
+                        updated_at=datetime.now(UTC)))
+            # Committed: only now may the new access token be used.
+            if revoked is not None:
+                raise revoked
+            return AccessToken(answer.access_token, answer.expires_in_s)
+
+
+def token_store(rt: Runtime, company_id: int) -> DatabaseTokenStore:
+    """The token store a worker passes to a company's connector."""
+    key = rt.settings.secrets_key
+    return DatabaseTokenStore(rt.engine, company_id,
+                              sealer=FernetSealer(key.get_secret_value() if key is not None else None))
