@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from connectors.rest.http import HttpClient
 
 REFRESH_MARGIN_S = 60.0
+# A token another worker obtained may itself expire before this worker's request lands (busy
+# fleets, tokens that live for few requests); only a refusal of a token this worker obtained
+# itself is final. This bounds the handed-over tokens tried for one request.
+MAX_HANDED_TOKENS = 5
 UPSTREAM_AUTH = "upstream_auth"
 
 Secret = Annotated[SecretStr, Field(min_length=1, max_length=10_000)]
@@ -199,6 +203,10 @@ def _aged(token: AccessToken, elapsed_s: float) -> AccessToken:
 class OAuth2Auth(httpx.Auth):
     """Bearer access tokens from a ``TokenStore``; one refresh on expiry or on a 401.
 
+    A request refused with 401 is sent again with the token ``TokenStore.refresh`` hands out;
+    if that token came from another worker and is refused too, again (``MAX_HANDED_TOKENS``);
+    once a token this worker obtained itself is refused, the 401 is the answer.
+
     Parameters:
         config: the validated ``auth`` config.
         tokens: the company's token store.
@@ -244,11 +252,16 @@ class OAuth2Auth(httpx.Auth):
         token = self.access_token()
         request.headers["Authorization"] = f"Bearer {token.value}"
         response = yield request
-        if response.status_code == 401:
-            # Revoked or expired early: refresh once (or take the token another worker just got).
+        for _ in range(MAX_HANDED_TOKENS):
+            if response.status_code != 401:
+                return
+            # Expired or revoked early: refresh once, or take the token another worker just got.
+            refreshed_before = self.refreshes
             token = self._refresh(stale=token.value)
             request.headers["Authorization"] = f"Bearer {token.value}"
-            yield request
+            response = yield request
+            if self.refreshes > refreshed_before:
+                return  # a token this worker just obtained was refused too: the 401 stands
 
     def _obtain(self, refresh_token: str | None) -> Grant:
         """Ask the token endpoint (RFC 6749 §4.4.2 / §6) for a new access token."""
