@@ -140,7 +140,8 @@ class GraphQLConnector:
                     f"{resource.config.paginator.type} paginator; sync the partition again from the start"
                 ) from exc
             body_json = {"query": resource.config.query, "variables": page_variables}
-            response = self._http.request("POST", self.config.endpoint, json=body_json, deadline=deadline)
+            response = self._http.request("POST", self.config.endpoint, json=body_json, deadline=deadline,
+                                          hard_deadline=request.lease_deadline)
             try:
                 body = RestConnector._decode(response)
                 errors = body.get("errors") if isinstance(body, dict) else None

@@ -238,7 +238,8 @@ class RestConnector:
                     f"resource {resource.spec.name!r}: the saved fetch state {state!r} does not fit its "
                     f"{resource.config.paginator.type} paginator; sync the partition again from the start"
                 ) from exc
-            response = self._http.get(page_url, params=page_params, deadline=deadline)
+            response = self._http.get(page_url, params=page_params, deadline=deadline,
+                                      hard_deadline=request.lease_deadline)
             try:
                 body = self._decode(response)
                 key = (details.list_id or details.join) if details else resource.config.primary_key
@@ -280,7 +281,7 @@ class RestConnector:
         for start in range(0, len(ids), details.batch):
             batch = ids[start : start + details.batch]
             response = self._http.get(url, params={**params, details.ids_param: details.separator.join(batch)},
-                                      deadline=deadline)
+                                      deadline=deadline, hard_deadline=request.lease_deadline)
             try:
                 body = self._decode(response)
                 records = self._read_records(resource.config, body, key=resource.config.primary_key,

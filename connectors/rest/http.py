@@ -14,7 +14,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -72,6 +72,42 @@ def _tls_context() -> ssl.SSLContext:
 def retryable_status(status: int) -> bool:
     """Whether another attempt may get a different answer: 429 and 5xx."""
     return status == 429 or status >= 500
+
+
+class _TotalTimeStream(httpx.SyncByteStream):
+    """A response body that stops once the request's total time is up (httpx's timeouts are
+    per I/O operation, so a slow-drip body could otherwise run past the deadline: defect 8)."""
+
+    def __init__(self, stream: httpx.SyncByteStream, deadline: float, request: httpx.Request) -> None:
+        self._stream = stream
+        self._deadline = deadline
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout("the response took longer than the request's total time", request=self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _TotalTimeTransport(httpx.BaseTransport):
+    """Bounds the whole exchange by ``request.extensions["total_deadline"]`` (a monotonic time)."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        deadline = request.extensions.get("total_deadline")
+        if deadline is not None and isinstance(response.stream, httpx.SyncByteStream):
+            response.stream = _TotalTimeStream(response.stream, deadline, request)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 # Errors raised before the request reached the upstream: safe to retry even a non-idempotent POST.
@@ -152,12 +188,13 @@ class HttpClient:
         self.limiter = limiter
         self.requests_per_second = requests_per_second
         self.on_response = on_response
+        self.timeout_s = timeout_s
         self.requests_sent = 0
         self._random = random.Random()
         # Redirects are not followed: a cross-origin redirect would carry custom auth headers along.
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
-            verify=_tls_context(),
+            transport=_TotalTimeTransport(httpx.HTTPTransport(verify=_tls_context())),
             auth=auth,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
@@ -185,12 +222,15 @@ class HttpClient:
             self.on_response(response.status_code)
 
     def get(
-        self, url: str, *, params: Mapping[str, ParamValue] | None = None, deadline: float | None = None
+        self, url: str, *, params: Mapping[str, ParamValue] | None = None, deadline: float | None = None,
+        hard_deadline: float | None = None,
     ) -> httpx.Response:
         """GET ``url``, retrying connection errors, timeouts, 429 and 5xx.
 
         Parameters:
             deadline: a ``time.monotonic()`` value no retry wait may run past.
+            hard_deadline: a ``time.monotonic()`` value no rate-limit wait and no request may
+                run past (the lease); each request also gets at most ``timeout_s`` in total.
 
         Returns:
             A 2xx response.
@@ -200,7 +240,7 @@ class HttpClient:
                 4xx or a redirect; ``retryable=True`` (with the last status, if any) once the
                 attempts, the total wait or the deadline are used up.
         """
-        return self.request("GET", url, params=params, deadline=deadline)
+        return self.request("GET", url, params=params, deadline=deadline, hard_deadline=hard_deadline)
 
     def request(
         self,
@@ -211,6 +251,7 @@ class HttpClient:
         json: Any = None,
         data: Mapping[str, str] | None = None,
         deadline: float | None = None,
+        hard_deadline: float | None = None,
         idempotent: bool = True,
         auth: httpx.Auth | None = None,
         ok_statuses: frozenset[int] = frozenset(),
@@ -234,7 +275,11 @@ class HttpClient:
 
         def attempt() -> httpx.Response:
             if self.limiter is not None and self.requests_per_second:
-                self.limiter.acquire(self.base_url, self.requests_per_second)
+                self.limiter.acquire(self.base_url, self.requests_per_second, deadline=hard_deadline)
+            # Each request gets timeout_s in total (not per I/O), and never runs past the lease.
+            total = self.timeout_s
+            if hard_deadline is not None:
+                total = max(0.1, min(total, hard_deadline - time.monotonic()))
             try:
                 # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
                 response = self._client.request(
@@ -244,6 +289,8 @@ class HttpClient:
                     json=json,
                     data=data,
                     auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
+                    timeout=total,
+                    extensions={"total_deadline": time.monotonic() + total},
                 )
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
