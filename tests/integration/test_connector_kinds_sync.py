@@ -167,3 +167,33 @@ def test_rotating_refresh_tokens_under_load_two_processes_four_threads(
     assert row.refreshes == oauth_provider.refreshes and row.revoked_reason is None
     assert oauth_provider.current_refresh_token() not in repr(row._mapping)
     check_datasets(stack.engine, s3_service.client(), s3_bucket)
+
+
+@pytest.mark.settings(secrets_key=KEY)
+def test_invalid_grant_fails_every_task_of_the_company_with_upstream_auth_and_asks_once(
+    stack: Runtime, actors: Actors, worker: dramatiq.Worker, schedule_api: ScheduleApi,
+    oauth_provider: OAuth2Provider,
+) -> None:
+    oauth_provider.register_client("pipeline", "client-secret")
+    schedule_api.require_oauth(oauth_provider)
+    config = {
+        "base_url": schedule_api.base_url,
+        "auth": {"type": "oauth2_refresh_token", "token_url": oauth_provider.token_url, "client_id": "pipeline",
+                 "client_secret": "client-secret", "refresh_token": "rt_revoked_by_the_user"},
+        "resources": {"schedule": {
+            "path": "/api/dr-schedule", "params": {"startDate": "{partition}", "endDate": "{partition}"},
+            "partitions": {"type": "daily", "days_ahead": 3}, "records": "Result", "primary_key": "JobInformationId",
+            "transform": "schedule",
+        }},
+    }
+    add_company(stack.engine, name="revoked", connector="rest", config=config)
+    job = run_job(stack, actors)
+
+    assert check_job_counters(stack.engine, job.job_id) == {"failed": 3}
+    with stack.engine.connect() as conn:
+        tasks = conn.execute(select(SyncTask.error_message, SyncTask.attempts)).all()
+    assert all(message.startswith("upstream_auth: ") and "must be re-authorized" in message
+               for message, _ in tasks), tasks
+    assert all(attempts == 1 for _, attempts in tasks), "invalid_grant is permanent"
+    assert len(oauth_provider.requests) == 1, "the refused grant was presented once, not once per task"
+    assert schedule_api.requests == []
