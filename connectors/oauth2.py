@@ -211,8 +211,8 @@ class OAuth2Auth(httpx.Auth):
         config: the validated ``auth`` config.
         tokens: the company's token store.
         token_client: sends token requests; built without auth, so they carry the client
-            credentials only. They are never retried once sent: a rotating refresh token must
-            not be spent twice.
+            credentials only. A refresh-token request is never retried once sent: a rotating
+            refresh token must not be spent twice.
     """
 
     def __init__(self, config: OAuth2Config, *, tokens: TokenStore, token_client: HttpClient) -> None:
@@ -285,7 +285,9 @@ class OAuth2Auth(httpx.Auth):
             if secret is not None:
                 form["client_secret"] = secret
         response = self._token_client.request(
-            "POST", config.token_url, data=form, auth=auth, idempotent=False, ok_statuses=_TOKEN_ERRORS
+            "POST", config.token_url, data=form, auth=auth, ok_statuses=_TOKEN_ERRORS,
+            # A refresh token may rotate as soon as the provider reads it: never send it twice.
+            idempotent=not isinstance(config, OAuth2RefreshToken),
         )
         try:
             body: Any = response.json()

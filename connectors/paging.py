@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from connectors.base import Chunk, FetchState, Record
-from errors import UpstreamError
+from errors import FailureKind, PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,15 @@ def fetch_chunk(
     would end past ``deadline``, or (with ``max_requests``) when another page of the most requests
     seen so far would send more than ``max_requests`` requests in this chunk. A retryable
     failure after at least one page ends the chunk instead of raising, so the pages already
-    read are kept; if it persists, the next call raises.
+    read are kept; if it persists, the next call raises. Retryable means ``FailureKind.RETRYABLE``
+    (``errors``): an ``UpstreamError`` with ``retryable``, a ``DeadlineExceeded``.
 
     Parameters:
         requests_sent: the connector's running count of requests sent (retries included).
 
     Raises:
         UpstreamError: whatever ``fetch_page`` raised on the first page, or a non-retryable
-            error on any page.
+            error on any page (likewise any other ``PipelineError``).
     """
     records: list[Record] = []
     sent_before = requests_sent()
@@ -69,8 +70,9 @@ def fetch_chunk(
         started, sent_at_start = time.monotonic(), requests_sent()
         try:
             page = fetch_page(state, deadline)
-        except UpstreamError as exc:
-            if exc.retryable and page_number:
+        except PipelineError as exc:
+            # e.g. retries ran out, or a rate-limit slot lies past the lease (DeadlineExceeded).
+            if exc.kind is FailureKind.RETRYABLE and page_number:
                 logger.warning("%s: ending the chunk after %d pages: %s", label, page_number, exc)
                 break
             raise
