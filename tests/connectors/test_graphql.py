@@ -171,3 +171,16 @@ def test_a_bad_config_is_refused_naming_the_key(graphql_api: GraphQLApi, change:
 
     assert problem in str(caught.value)
     assert graphql_api.requests == []
+
+
+def test_the_none_paginator_reads_one_page(graphql_api: GraphQLApi) -> None:
+    config = {
+        "endpoint": f"{graphql_api.base_url}/graphql",
+        "resources": {"items": {"query": "query { items(first: 100) { id } }", "records": "data.items",
+                                "primary_key": "id"}},
+    }
+
+    chunks = drain(config, "items", kind=GraphQLConnector)
+
+    assert [r["id"] for r in records_of(chunks)] == [item["id"] for item in graphql_api.records()]
+    assert len(graphql_api.requests) == 1 and chunks[0].done
