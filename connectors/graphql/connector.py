@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+import httpx
+
 from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec
 from connectors.graphql.config import GraphQLConfig, ResourceConfig, parse_config
 from connectors.graphql.paginators import Paginator, make_paginator
@@ -47,6 +49,19 @@ def first_error(errors: list[Any]) -> tuple[str, bool]:
     if isinstance(extensions, dict):
         codes.add(str(extensions.get("code", "")).upper())
     return message, bool(codes & THROTTLED_CODES)
+
+
+def _throttled(response: httpx.Response) -> str | None:
+    """Why a 200 must be retried with backoff: an ``errors`` array whose first error is a throttle."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return None
+    message, throttled = first_error(errors)
+    return f"GraphQL throttled: {message}" if throttled else None
 
 
 class GraphQLConnector:
@@ -120,8 +135,9 @@ class GraphQLConnector:
 
         Raises:
             UpstreamError: a response with an ``errors`` array, with the first error's message
-                (``retryable`` only when it says the query was throttled; its data, even
-                partial, is dropped); a malformed page; as ``RestConnector.fetch`` otherwise.
+                (its data, even partial, is dropped): permanent, except that a throttled query
+                is retried with backoff like a 429 and, once retries run out, fails retryable;
+                a malformed page; as ``RestConnector.fetch`` otherwise.
             ConfigError: as ``RestConnector.fetch``.
         """
         resource = self._resource(request.resource)
@@ -141,7 +157,7 @@ class GraphQLConnector:
                 ) from exc
             body_json = {"query": resource.config.query, "variables": page_variables}
             response = self._http.request("POST", self.config.endpoint, json=body_json, deadline=deadline,
-                                          hard_deadline=request.lease_deadline)
+                                          hard_deadline=request.lease_deadline, retry_response=_throttled)
             try:
                 body = RestConnector._decode(response)
                 errors = body.get("errors") if isinstance(body, dict) else None

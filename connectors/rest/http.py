@@ -255,6 +255,7 @@ class HttpClient:
         idempotent: bool = True,
         auth: httpx.Auth | None = None,
         ok_statuses: frozenset[int] = frozenset(),
+        retry_response: Callable[[httpx.Response], str | None] | None = None,
     ) -> httpx.Response:
         """Send one request with the retries of ``get``.
 
@@ -266,6 +267,8 @@ class HttpClient:
             auth: overrides the client's auth for this request.
             ok_statuses: statuses returned like a 2xx instead of raised (an OAuth2 error body
                 to read).
+            retry_response: says why a 2xx response must be retried like a 429 (a GraphQL
+                ``errors`` array saying the query was throttled), or ``None``.
 
         Raises:
             UpstreamError: as for ``get``.
@@ -300,6 +303,9 @@ class HttpClient:
             except httpx.HTTPError as exc:
                 raise UpstreamError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
             status = response.status_code
+            if status < 300 and retry_response is not None and (throttled := retry_response(response)):
+                raise _Retryable(throttled, status=status, retry_after=parse_retry_after(
+                    response.headers.get("Retry-After")))
             if status < 300 or status in ok_statuses:
                 return response
             if not retryable_status(status):

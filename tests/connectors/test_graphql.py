@@ -88,17 +88,28 @@ def test_an_errors_response_fails_with_the_first_message_and_keeps_no_partial_da
     assert f"resource 'jobs', partition '{DAY}', POST /graphql" in str(caught.value)
 
 
-def test_a_throttled_errors_response_is_retryable(graphql_api: GraphQLApi) -> None:
-    graphql_api.fail_next("throttled")
+def test_a_throttled_errors_response_is_retried_with_backoff_like_a_429(graphql_api: GraphQLApi) -> None:
+    graphql_api.fail_next("throttled", 2)
+
+    chunks = drain(relay_config(graphql_api, first=25), "jobs", DAY, kind=GraphQLConnector)
+
+    assert [r["id"] for r in records_of(chunks)] == [job["id"] for job in graphql_api.jobs_of(DAY)]
+    assert chunks[0].requests == 3
+
+
+def test_persistent_throttling_gives_up_as_a_retryable_error(graphql_api: GraphQLApi) -> None:
+    graphql_api.fail_next("throttled", 100)
 
     with pytest.raises(UpstreamError) as caught:
         drain(relay_config(graphql_api), "jobs", DAY, kind=GraphQLConnector)
 
-    assert caught.value.retryable and "Throttled" in str(caught.value)
+    assert caught.value.retryable
+    assert "GraphQL throttled: Throttled" in str(caught.value) and "gave up after 3 attempts" in str(caught.value)
+    assert len(graphql_api.requests) == 3
 
 
-def test_a_throttle_after_the_first_page_ends_the_chunk_and_keeps_its_pages(graphql_api: GraphQLApi) -> None:
-    graphql_api.fail_next("throttled", after=1)
+def test_throttling_after_the_first_page_ends_the_chunk_and_keeps_its_pages(graphql_api: GraphQLApi) -> None:
+    graphql_api.fail_next("throttled", 3, after=1)
 
     chunks = drain(relay_config(graphql_api), "jobs", DAY, kind=GraphQLConnector)
 

@@ -93,7 +93,7 @@ def test_bursts_of_429_500_and_throttled_errors_end_with_every_graphql_task_comp
         h.start_sweeper()
         bursts = size.tasks // 100
         with Bursts(api, every=50, rate_limited=5, errors=4, bursts=bursts) as injected:
-            api.fail_next("throttled", 2)  # fewer than MAX_ATTEMPTS, even if one task draws both
+            api.fail_next("throttled", 2)  # 200s with a THROTTLED error: retried like 429s
             job = h.plan()
             [report] = h.finish(job.job_id, expected_records=lambda task: api.count)
 
