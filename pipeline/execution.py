@@ -130,7 +130,10 @@ def run_task(
     try:
         claim = claim_task(rt.engine, task_id, lease_s=settings.lease_seconds, max_attempts=settings.max_attempts)
     except SQLAlchemyError as exc:
-        raise RetryTask(str(database_failure(rt, exc)), kind=FailureKind.OUTAGE) from exc
+        # Nothing is claimed, so nothing can be recorded: the broker retries (an outage for as
+        # long as PIPELINE_OUTAGE_RETRY_S), then the sweeper re-sends the task.
+        failure = database_failure(rt, exc)
+        raise RetryTask(str(failure), kind=failure.kind) from exc
     if claim is None:
         return Outcome.SKIPPED
     started = time.monotonic()
