@@ -38,6 +38,7 @@ from pipeline.errors import (
 from pipeline.jobs import Claim, claim_task, hand_off, record_attempt_failure, save_progress
 from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
+from pipeline.secrets import unseal
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ def run_task(
     started = time.monotonic()
     deadline = started + settings.task_time_budget_s
     try:
-        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
-                                   on_response=metrics.upstream_counter(claim.connector))
+        connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
+                                   on_response=metrics.upstream_counter(claim.connector),
+                                   context=rt.connector_context)
         try:
             outcome = _run(rt, claim, connector, deadline, should_stop or _never)
             metrics.task_run(claim.resource, outcome.value, started)

@@ -24,6 +24,7 @@ from connectors.base import Connector
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.models import JOBS, MODES, PRIORITIES, TASKS, TRIGGERS, Company, utcnow
+from pipeline.secrets import redact
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,7 @@ def plan_job(
         per_resource: dict[str, int] = {}
         built: dict[tuple[str, bytes], Connector] = {}
         for company in companies:
-            config = company.connector_config or {}
+            config = redact(company.connector_config or {})  # planning needs the shape, not the secrets
             cache_key = (company.connector, orjson.dumps(config, option=orjson.OPT_SORT_KEYS))
             connector = built.get(cache_key)
             if connector is None:
