@@ -41,6 +41,9 @@ class FetchRequest:
     since: str | None = None
     attempt: int = 1
     deadline: float | None = None
+    # ``time.monotonic()`` value past which no wait or request of this fetch may run: the
+    # attempt's lease would expire (``deadline`` is the softer time budget).
+    lease_deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +85,13 @@ class Connector(Protocol):
 class RateLimiter(Protocol):
     """Spaces requests to one upstream across every worker process and host."""
 
-    def acquire(self, key: str, requests_per_second: float) -> None:
-        """Block until the caller may send one request to upstream ``key``."""
+    def acquire(self, key: str, requests_per_second: float, *, deadline: float | None = None) -> None:
+        """Block until the caller may send one request to upstream ``key``.
+
+        Raises:
+            DeadlineExceeded: the slot lies past ``deadline`` (a ``time.monotonic()`` value);
+                the caller does not wait for it.
+        """
         ...
 
 
@@ -145,7 +153,7 @@ def resource_spec(connector: Connector, name: str) -> ResourceSpec:
     Raises:
         ConnectorError: the connector does not offer ``name``.
     """
-    from pipeline.errors import ConnectorError
+    from errors import ConnectorError
 
     for spec in connector.resources():
         if spec.name == name:

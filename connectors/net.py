@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
-from pipeline.errors import ConfigError, UpstreamError
+from errors import ConfigError, UpstreamError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -14,7 +14,7 @@ from connectors.base import (
     ResponseHook,
     SecretPath,
 )
-from pipeline.errors import ConfigError
+from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
 

@@ -29,7 +29,7 @@ from connectors.rest.config import (
 from connectors.rest.http import HttpClient, body_excerpt, printable_excerpt
 from connectors.rest.paginators import MISSING, Page, Paginator, lookup, make_paginator
 from connectors.transforms import POLICIES
-from pipeline.errors import ConfigError, ConnectorError, PipelineError, UpstreamError
+from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,8 @@ class RestConnector:
                 ) from exc
             started = time.monotonic()
             try:
-                response = self._http.get(page_url, params=page_params, deadline=request.deadline)
+                response = self._http.get(page_url, params=page_params, deadline=request.deadline,
+                                          hard_deadline=request.lease_deadline)
             except UpstreamError as exc:
                 if exc.retryable and page_number:
                     logger.warning(
