@@ -45,6 +45,7 @@ from pipeline.errors import (
 from pipeline.jobs import Claim, claim_task, clean_text
 from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
+from pipeline.secrets import unseal
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,9 @@ def run_task(
     started = time.monotonic()
     attempt = Attempt.start(rt, claim, should_stop=should_stop)
     try:
-        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
-                                   on_response=metrics.upstream_counter(claim.connector))
+        connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
+                                   on_response=metrics.upstream_counter(claim.connector),
+                                   context=rt.connector_context)
         try:
             outcome = _run(attempt, connector)
             metrics.task_run(claim.resource, outcome.value, started)
