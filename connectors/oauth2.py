@@ -248,6 +248,19 @@ class OAuth2Auth(httpx.Auth):
         """The ``Authorization`` header value now (obtains a token first if needed)."""
         return f"Bearer {self.access_token().value}"
 
+    def scrub(self, text: str) -> str:
+        """``text`` without the client secret, the configured refresh token or the access token held."""
+        config = self.config
+        secrets = [config.client_secret.get_secret_value() if config.client_secret else ""]
+        if isinstance(config, OAuth2RefreshToken):
+            secrets.append(config.refresh_token.get_secret_value())
+        if self._token is not None:
+            secrets.append(self._token.value)
+        for secret in secrets:
+            if len(secret) >= 4:
+                text = text.replace(secret, "***")
+        return text
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         token = self.access_token()
         request.headers["Authorization"] = f"Bearer {token.value}"

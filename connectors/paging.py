@@ -39,6 +39,7 @@ def fetch_chunk(
     requests_sent: Callable[[], int],
     max_requests: int | None = None,
     label: str = "",
+    scrub: Callable[[str], str] | None = None,
 ) -> Chunk:
     """Fetch up to ``max_pages`` pages starting from ``state``.
 
@@ -51,6 +52,7 @@ def fetch_chunk(
 
     Parameters:
         requests_sent: the connector's running count of requests sent (retries included).
+        scrub: takes credentials out of a message before it is logged.
 
     Raises:
         UpstreamError: whatever ``fetch_page`` raised on the first page, or a non-retryable
@@ -73,7 +75,8 @@ def fetch_chunk(
         except PipelineError as exc:
             # e.g. retries ran out, or a rate-limit slot lies past the lease (DeadlineExceeded).
             if exc.kind is FailureKind.RETRYABLE and page_number:
-                logger.warning("%s: ending the chunk after %d pages: %s", label, page_number, exc)
+                logger.warning("%s: ending the chunk after %d pages: %s", label, page_number,
+                               scrub(str(exc)) if scrub is not None else exc)
                 break
             raise
         slowest = max(slowest, time.monotonic() - started)

@@ -9,8 +9,9 @@ spends a refresh token, and the refresh token in the row is always the provider'
 (unless a worker dies between the provider's answer and the commit: the provider then sees the
 old token again and revokes the grant, which ``upstream_auth`` reports).
 
-Tokens are sealed with a ``Sealer`` (Fernet under ``PIPELINE_SECRETS_KEY``, the key that seals
-every tenant secret). Expiries are kept in UTC; the 60 s refresh margin absorbs the clock skew of
+Tokens are sealed with a ``Sealer`` — the worker passes ``pipeline.secrets.SecretBox``: Fernet
+under ``PIPELINE_SECRETS_KEY``, the key that seals every tenant secret, so ``pipeline secrets
+rotate``'s keys open them too. Expiries are kept in UTC; the 60 s refresh margin absorbs the clock skew of
 NTP-synchronised hosts.
 """
 
@@ -25,7 +26,6 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors.oauth2 import AccessToken, Obtain, UpstreamAuthError
-from pipeline.errors import ConfigError
 from pipeline.models import OAUTH_TOKENS
 
 if TYPE_CHECKING:
@@ -38,39 +38,6 @@ class Sealer(Protocol):
     def seal(self, value: str) -> dict[str, str]: ...
 
     def open(self, sealed: Mapping[str, Any], *, where: str = "config") -> str: ...
-
-
-class FernetSealer:
-    """A ``Sealer`` on Fernet keys (comma-separated, the first encrypts: ``MultiFernet``).
-
-    Raises ``ConfigError`` naming ``PIPELINE_SECRETS_KEY`` when no key is set and a token must
-    be sealed or opened.
-    """
-
-    def __init__(self, keys: str | None) -> None:
-        from cryptography.fernet import Fernet, MultiFernet
-
-        entries = [entry.strip() for entry in (keys or "").split(",") if entry.strip()]
-        try:
-            self._fernet = MultiFernet([Fernet(entry) for entry in entries]) if entries else None
-        except ValueError:
-            raise ConfigError("PIPELINE_SECRETS_KEY: an entry is not a Fernet key") from None
-
-    def _require(self) -> Any:
-        if self._fernet is None:
-            raise ConfigError("PIPELINE_SECRETS_KEY is not set: it is needed to store OAuth2 tokens encrypted")
-        return self._fernet
-
-    def seal(self, value: str) -> dict[str, str]:
-        return {"$secret": self._require().encrypt(value.encode()).decode()}
-
-    def open(self, sealed: Mapping[str, Any], *, where: str = "config") -> str:
-        from cryptography.fernet import InvalidToken
-
-        try:
-            return str(self._require().decrypt(str(sealed["$secret"]).encode()).decode())
-        except (InvalidToken, KeyError, UnicodeDecodeError):
-            raise ConfigError(f"{where}: no key in PIPELINE_SECRETS_KEY decrypts this token") from None
 
 
 class DatabaseTokenStore:
@@ -165,6 +132,4 @@ class DatabaseTokenStore:
 
 def token_store(rt: Runtime, company_id: int) -> DatabaseTokenStore:
     """The token store a worker passes to a company's connector."""
-    key = rt.settings.secrets_key
-    return DatabaseTokenStore(rt.engine, company_id,
-                              sealer=FernetSealer(key.get_secret_value() if key is not None else None))
+    return DatabaseTokenStore(rt.engine, company_id, sealer=rt.secrets)

@@ -26,6 +26,7 @@ from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.jobs import log
 from pipeline.models import JOBS, MODES, PRIORITIES, TASKS, TRIGGERS, Company, utcnow
+from pipeline.secrets import redact
 
 OPEN = ("pending", "processing")
 # How many skipped partitions or companies a job's log names one by one.
@@ -130,7 +131,7 @@ def plan_job(
         per_resource: dict[str, int] = {}
         built: dict[tuple[str, bytes], Connector] = {}
         for company in companies:
-            config = company.connector_config or {}
+            config = redact(company.connector_config or {})  # planning needs the shape, not the secrets
             cache_key = (company.connector, orjson.dumps(config, option=orjson.OPT_SORT_KEYS))
             connector = built.get(cache_key)
             if connector is None:

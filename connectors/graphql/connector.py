@@ -6,7 +6,6 @@ auth (including OAuth2), and its page loop (``connectors.paging``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -14,17 +13,17 @@ from typing import Any
 
 import httpx
 
-from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec
+from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec
 from connectors.graphql.config import GraphQLConfig, ResourceConfig, parse_config
 from connectors.graphql.paginators import Paginator, make_paginator
 from connectors.oauth2 import TokenStore
 from connectors.paging import PageResult, fetch_chunk
-from connectors.rest.config import NonePartitions, uses_placeholder
-from connectors.rest.connector import RestConnector, build_auth, partition_keys
+from connectors.rest.config import NonePartitions, secret_paths, uses_placeholder
+from connectors.rest.connector import RestConnector, build_auth, check_auth_admission, partition_keys
 from connectors.rest.http import HttpClient
 from connectors.rest.paginators import MISSING, Page, lookup
 from connectors.transforms import POLICIES
-from errors import ConfigError, ConnectorError, UpstreamError
+from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
 
 # Codes providers use for a throttled query answered with HTTP 200 (Shopify: extensions.code
 # THROTTLED; GitHub: type RATE_LIMITED): another attempt later may succeed.
@@ -67,7 +66,9 @@ def _throttled(response: httpx.Response) -> str | None:
 class GraphQLConnector:
     """A connector built from one company's ``graphql`` config (see ``connectors.graphql.config``).
 
-    Parameters are those of ``RestConnector``.
+    Parameters are those of ``RestConnector``: ``context`` says which variables ``auth`` may
+    read and where connections may go (the SSRF guard and the response cap apply to the
+    endpoint and the token URL), ``tokens`` is the company's OAuth2 token store.
 
     Raises:
         ConfigError: an invalid config, naming the key path.
@@ -80,11 +81,12 @@ class GraphQLConnector:
         config: Mapping[str, Any],
         *,
         limiter: RateLimiter | None = None,
-        environ: Mapping[str, str] | None = None,
         on_response: Callable[[int], None] | None = None,
+        context: ConnectorContext | None = None,
         tokens: TokenStore | None = None,
     ) -> None:
         self.config: GraphQLConfig = parse_config(config)
+        self._context = context or ConnectorContext()
         self._resources: dict[str, _Resource] = {}
         for name, resource in self.config.resources.items():
             if isinstance(resource.partitions, NonePartitions):
@@ -102,7 +104,7 @@ class GraphQLConnector:
             self._resources[name] = _Resource(spec, resource, make_paginator(resource.paginator))
         rate_limit = self.config.rate_limit
         self._auth, self._token_client = build_auth(
-            self.config, environ=os.environ if environ is None else environ, tokens=tokens
+            self.config, environ=self._context.environ, tokens=tokens, network=self._context.network
         )
         self._http = HttpClient(
             self.config.endpoint,
@@ -112,7 +114,19 @@ class GraphQLConnector:
             limiter=limiter,
             requests_per_second=rate_limit.requests_per_second if rate_limit else None,
             on_response=on_response,
+            network=self._context.network,
         )
+
+    def check_admission(self, context: ConnectorContext) -> None:
+        """As ``RestConnector.check_admission``, for ``endpoint`` and the auth."""
+        check_auth_admission(self.config, context, kind="graphql")
+        try:
+            context.network.check_url(self.config.endpoint)
+        except ConfigError as exc:
+            raise ConfigError(f"graphql config: endpoint: {exc}") from None
+
+    def secret_paths(self) -> list[tuple[str | int, ...]]:
+        return secret_paths(self.config)
 
     def resources(self) -> Sequence[ResourceSpec]:
         return [resource.spec for resource in self._resources.values()]
@@ -141,8 +155,18 @@ class GraphQLConnector:
             ConfigError: as ``RestConnector.fetch``.
         """
         resource = self._resource(request.resource)
+        check_auth_admission(self.config, self._context, kind="graphql")
         if self._auth is not None:
-            self._auth.secret()
+            self._auth.secret()  # a missing secret fails before a rate-limit slot is spent
+        try:
+            return self._fetch(resource, request)
+        except PipelineError as exc:
+            if self._auth is not None:
+                # An upstream may echo the credential it was sent into its error body.
+                exc.args = (self._auth.scrub(str(exc)),)
+            raise
+
+    def _fetch(self, resource: _Resource, request: FetchRequest) -> Chunk:
         variables = self._render(resource.config, request)
         state = dict(request.state) if request.state is not None else resource.paginator.initial_state()
         where = f"resource {resource.spec.name!r}, partition {request.partition!r}"
@@ -181,6 +205,7 @@ class GraphQLConnector:
             deadline=request.deadline,
             requests_sent=lambda: self._http.requests_sent,
             label=f"{resource.spec.name}/{request.partition}",
+            scrub=self._auth.scrub if self._auth is not None else None,
         )
 
     @staticmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -11,8 +10,10 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
+from pydantic import SecretStr
 
-from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec
+from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec
+from connectors.net import NetworkPolicy
 from connectors.oauth2 import MemoryTokenStore, OAuth2Auth, OAuth2ClientCredentials, OAuth2RefreshToken, TokenStore
 from connectors.paging import PageResult, fetch_chunk
 from connectors.rest.config import (
@@ -25,28 +26,34 @@ from connectors.rest.config import (
     ResourceConfig,
     RetryConfig,
     parse_config,
+    secret_paths,
     uses_placeholder,
 )
-from connectors.rest.http import HttpClient, body_excerpt
+from connectors.rest.http import HttpClient, body_excerpt, printable_excerpt
 from connectors.rest.paginators import MISSING, Page, Paginator, lookup, make_paginator
 from connectors.transforms import POLICIES
-from errors import ConfigError, ConnectorError, UpstreamError
+from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 
-class EnvAuth(httpx.Auth):
-    """Sets one header from an environment variable, read when each request is sent.
+class SecretHeader(httpx.Auth):
+    """Sets one header to a secret: inline (decrypted by the worker) or an environment
+    variable's value, read when each request is sent.
 
-    The secret is never stored on this object, so no repr, log line or error message built
-    from it can contain the value.
+    No repr, log line or error message built from this object contains the value, and
+    ``scrub`` takes it out of text an upstream may have echoed it into.
     """
 
-    def __init__(self, header: str, env_var: str, *, prefix: str = "", environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, header: str, *, prefix: str = "", value: SecretStr | None = None, env_var: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.header = header
-        self.env_var = env_var
         self.prefix = prefix
-        self._environ = environ
+        self.env_var = env_var
+        self._value = value
+        self._environ = environ or {}
 
     def secret(self) -> str:
         """The header value now.
@@ -54,25 +61,28 @@ class EnvAuth(httpx.Auth):
         Raises:
             ConfigError: the variable is unset or empty (named; the value never is).
         """
-        value = self._environ.get(self.env_var)
+        if self._value is not None:
+            return self.prefix + self._value.get_secret_value()
+        value = self._environ.get(self.env_var or "")
         if not value:
             raise ConfigError(f"rest config: auth: environment variable {self.env_var} is not set or empty")
         return self.prefix + value
+
+    def scrub(self, text: str) -> str:
+        try:
+            secret = self.secret()
+        except ConfigError:
+            return text
+        bare = secret[len(self.prefix):]
+        return text.replace(secret, "***").replace(bare, "***") if len(bare) >= 4 else text
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers[self.header] = self.secret()
         yield request
 
     def __repr__(self) -> str:
-        return f"EnvAuth(header={self.header!r}, env_var={self.env_var!r})"
-
-
-def _make_auth(config: HasAuth, environ: Mapping[str, str]) -> EnvAuth | None:
-    if isinstance(config.auth, BearerAuth):
-        return EnvAuth("Authorization", config.auth.token_env, prefix="Bearer ", environ=environ)
-    if isinstance(config.auth, HeaderAuth):
-        return EnvAuth(config.auth.name, config.auth.value_env, environ=environ)
-    return None
+        source = f"env_var={self.env_var!r}" if self.env_var else "inline"
+        return f"SecretHeader(header={self.header!r}, {source})"
 
 
 class HasAuth(Protocol):
@@ -88,27 +98,64 @@ class HasAuth(Protocol):
     def retry(self) -> RetryConfig: ...
 
 
+def _make_auth(config: HasAuth, environ: Mapping[str, str]) -> SecretHeader | None:
+    if isinstance(config.auth, BearerAuth):
+        return SecretHeader("Authorization", prefix="Bearer ", value=config.auth.token,
+                            env_var=config.auth.token_env, environ=environ)
+    if isinstance(config.auth, HeaderAuth):
+        return SecretHeader(config.auth.name, value=config.auth.value, env_var=config.auth.value_env,
+                            environ=environ)
+    return None
+
+
 def build_auth(
-    config: HasAuth, *, environ: Mapping[str, str], tokens: TokenStore | None
-) -> tuple[EnvAuth | OAuth2Auth | None, HttpClient | None]:
+    config: HasAuth, *, environ: Mapping[str, str], tokens: TokenStore | None, network: NetworkPolicy
+) -> tuple[SecretHeader | OAuth2Auth | None, HttpClient | None]:
     """The auth of a ``rest`` or ``graphql`` config, and the token client an OAuth2 auth owns.
 
-    ``tokens`` is the company's token store (``MemoryTokenStore`` when none is given).
+    ``tokens`` is the company's token store (``MemoryTokenStore`` when none is given); token
+    requests obey ``network`` like the upstream's own.
     """
     if isinstance(config.auth, OAuth2ClientCredentials | OAuth2RefreshToken):
-        token_client = HttpClient(config.auth.token_url, timeout_s=config.timeout_s, retry=config.retry)
+        token_client = HttpClient(config.auth.token_url, timeout_s=config.timeout_s, retry=config.retry,
+                                  network=network)
         auth = OAuth2Auth(config.auth, tokens=tokens or MemoryTokenStore(), token_client=token_client)
         return auth, token_client
     return _make_auth(config, environ), None
 
 
+def check_auth_admission(config: HasAuth, context: ConnectorContext, *, kind: str) -> None:
+    """Refuse an auth that names a variable outside the prefix, or a refused IP-literal ``token_url``."""
+    auth = config.auth
+    if isinstance(auth, BearerAuth | HeaderAuth):
+        key, name = auth.env_key
+        if name is not None:
+            check_env_name(f"auth.{key}", name, context.env_prefix, kind=kind)
+    elif isinstance(auth, OAuth2ClientCredentials | OAuth2RefreshToken):
+        try:
+            context.network.check_url(auth.token_url)
+        except ConfigError as exc:
+            raise ConfigError(f"{kind} config: auth.token_url: {exc}") from None
+
+
 def partition_keys(partitions: DailyPartitions | NonePartitions, today: date) -> list[str]:
-    """The partition keys of a declarative resource on ``today`` (see ``RestConnector.partitions``)."""
+    """The partition keys of a declarative resource on ``today``: ``["all"]`` for ``none``; for
+    ``daily``, ISO dates from ``today - days_back`` to ``today + days_ahead - 1`` (``days_ahead``
+    counts today)."""
     if isinstance(partitions, DailyPartitions):
         first = today - timedelta(days=partitions.days_back)
         days = partitions.days_back + partitions.days_ahead
         return [(first + timedelta(days=offset)).isoformat() for offset in range(days)]
     return ["all"]
+
+
+def check_env_name(key: str, name: str, prefix: str, *, kind: str = "rest") -> None:
+    """Raise ``ConfigError`` unless a config may name the variable ``name`` at ``key``."""
+    if not name.startswith(prefix) or name.startswith("PIPELINE_"):
+        raise ConfigError(
+            f"{kind} config: {key}: variable {name} is not allowed: connector configs may only name "
+            f"environment variables starting with {prefix} (PIPELINE_CONNECTOR_ENV_PREFIX)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +171,9 @@ class RestConnector:
     Parameters:
         config: the company's connector config.
         limiter: spaces requests to ``base_url`` when ``rate_limit`` is configured.
-        environ: where the secrets named in ``auth`` are read, when each request is sent
-            (default ``os.environ``).
         on_response: called with the status of every upstream response (for metrics).
+        context: the variables ``auth`` may read (when each request is sent), the addresses the
+            client may connect to and the response cap (default: none, public only, 64 MiB).
         tokens: the company's OAuth2 token store (``connectors.oauth2``), shared by every
             worker; an in-process one when not given.
 
@@ -141,11 +188,12 @@ class RestConnector:
         config: Mapping[str, Any],
         *,
         limiter: RateLimiter | None = None,
-        environ: Mapping[str, str] | None = None,
         on_response: Callable[[int], None] | None = None,
+        context: ConnectorContext | None = None,
         tokens: TokenStore | None = None,
     ) -> None:
         self.config = parse_config(config)
+        self._context = context or ConnectorContext()
         self._resources: dict[str, _Resource] = {}
         for name, resource in self.config.resources.items():
             if isinstance(resource.partitions, NonePartitions):
@@ -163,7 +211,7 @@ class RestConnector:
             self._resources[name] = _Resource(spec, resource, paginator)
         rate_limit = self.config.rate_limit
         self._auth, self._token_client = build_auth(
-            self.config, environ=os.environ if environ is None else environ, tokens=tokens
+            self.config, environ=self._context.environ, tokens=tokens, network=self._context.network
         )
         self._http = HttpClient(
             self.config.base_url,
@@ -173,7 +221,23 @@ class RestConnector:
             limiter=limiter,
             requests_per_second=rate_limit.requests_per_second if rate_limit else None,
             on_response=on_response,
+            network=self._context.network,
         )
+
+    def check_admission(self, context: ConnectorContext) -> None:
+        """Refuse an environment variable outside ``PIPELINE_CONNECTOR_ENV_PREFIX`` and a refused
+        IP-literal ``base_url`` (host names are checked when connecting)."""
+        self._check_env(context)
+        try:
+            context.network.check_url(self.config.base_url)
+        except ConfigError as exc:
+            raise ConfigError(f"rest config: base_url: {exc}") from None
+
+    def _check_env(self, context: ConnectorContext) -> None:
+        check_auth_admission(self.config, context, kind="rest")
+
+    def secret_paths(self) -> list[tuple[str | int, ...]]:
+        return secret_paths(self.config)
 
     @staticmethod
     def _reject_partition_placeholder(name: str, resource: ResourceConfig) -> None:
@@ -222,8 +286,18 @@ class RestConnector:
                 and the company has none.
         """
         resource = self._resource(request.resource)
+        self._check_env(self._context)  # a config stored before the prefix rule still obeys it
         if self._auth is not None:
             self._auth.secret()  # a missing secret fails before a rate-limit slot is spent
+        try:
+            return self._fetch(resource, request)
+        except PipelineError as exc:
+            if self._auth is not None:
+                # An upstream may echo the credential it was sent into its error body.
+                exc.args = (self._auth.scrub(str(exc)),)
+            raise
+
+    def _fetch(self, resource: _Resource, request: FetchRequest) -> Chunk:
         state = dict(request.state) if request.state is not None else resource.paginator.initial_state()
         url, params = self._render(resource.config, request)
         details = resource.config.details
@@ -263,6 +337,7 @@ class RestConnector:
             deadline=request.deadline,
             requests_sent=lambda: self._http.requests_sent,
             label=f"{resource.spec.name}/{request.partition}",
+            scrub=self._auth.scrub if self._auth is not None else None,
         )
 
     def _fetch_details(
@@ -331,7 +406,9 @@ class RestConnector:
             return response.json()
         except ValueError:
             content_type = response.headers.get("Content-Type", "no Content-Type")
-            raise UpstreamError(f"the response is not JSON ({content_type}): {body_excerpt(response)}") from None
+            raise UpstreamError(
+                f"the response is not JSON ({printable_excerpt(content_type)}): {body_excerpt(response)}"
+            ) from None
 
     @staticmethod
     def _read_records(
@@ -346,7 +423,8 @@ class RestConnector:
                 raise UpstreamError(f"envelope key {envelope.success!r} is missing from the response")
             if success is not True:
                 message = lookup(body, envelope.message) if envelope.message else MISSING
-                detail = "no message" if message is MISSING or message is None else str(message)[:1000]
+                # Bounded and printable: what answered must not be able to fill task errors.
+                detail = "no message" if message is MISSING or message is None else printable_excerpt(str(message))
                 raise UpstreamError(f"the upstream reported failure ({envelope.success}={success!r}): {detail}")
         if records_path is None:
             records, where = body, "the response body"

@@ -5,6 +5,9 @@ transport error, 429 or 5xx, classified where the response is read), the wait is
 upstream's ``Retry-After`` when it sent one and full-jitter exponential backoff otherwise, and
 the stop is bound to the caller's deadline: no wait may end past it, nor push the total wait
 past ``retry.max_wait_s``, nor follow the last of ``retry.max_attempts``.
+
+Every connection goes through the SSRF guard (``connectors.net.GuardedTransport``) and every
+body is streamed under ``PIPELINE_UPSTREAM_MAX_RESPONSE_BYTES``.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ import httpx
 import tenacity
 
 from connectors.base import RateLimiter
+from connectors.net import GuardedTransport, NetworkPolicy
 from connectors.rest.config import ParamValue, RetryConfig
 from errors import UpstreamError
 
 EXCERPT_CHARS = 200
+CAP_SETTING = "PIPELINE_UPSTREAM_MAX_RESPONSE_BYTES"
+# Headers describing the wire form of a body that is handed on already decoded.
+_WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -53,14 +60,25 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def body_excerpt(response: httpx.Response) -> str:
-    """At most ``EXCERPT_CHARS`` characters of the body, whitespace collapsed, for error messages."""
-    try:
-        text = response.text
-    except (UnicodeDecodeError, LookupError, httpx.HTTPError):
-        return "<unreadable body>"
+def printable_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """At most ``limit`` characters of ``text``, printable ones only, whitespace collapsed: what
+    may go from an upstream's answer into an error message (no control or bidi characters)."""
+    text = "".join(char if char.isprintable() else " " for char in text[: limit * 4])
     text = " ".join(text.split())
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def body_excerpt(response: httpx.Response) -> str:
+    """The start of the body as a ``printable_excerpt``, for error messages."""
+    try:
+        text = response.content[: EXCERPT_CHARS * 4].decode(response.encoding or "utf-8", errors="replace")
+    except (LookupError, httpx.HTTPError):
+        return "<unreadable body>"
+    return printable_excerpt(text)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB" if size >= 2**20 else f"{size} bytes"
 
 
 @functools.cache
@@ -168,6 +186,8 @@ class HttpClient:
         limiter: spaces requests across processes; used only with ``requests_per_second``.
         on_response: called with the status of every response received (retries included),
             e.g. to count requests per status in metrics.
+        network: where connections may go and the cap on each body (``connectors.net``);
+            default: public addresses only, 64 MiB.
 
     ``requests_sent`` counts every request sent, retries included.
     """
@@ -182,7 +202,10 @@ class HttpClient:
         limiter: RateLimiter | None = None,
         requests_per_second: float | None = None,
         on_response: Callable[[int], None] | None = None,
+        network: NetworkPolicy | None = None,
     ) -> None:
+        network = network or NetworkPolicy()
+        self.max_response_bytes = network.max_response_bytes
         self.base_url = base_url
         self.retry = retry
         self.limiter = limiter
@@ -194,7 +217,8 @@ class HttpClient:
         # Redirects are not followed: a cross-origin redirect would carry custom auth headers along.
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
-            transport=_TotalTimeTransport(httpx.HTTPTransport(verify=_tls_context())),
+            transport=_TotalTimeTransport(GuardedTransport(network, verify=_tls_context())),
+            trust_env=False,
             auth=auth,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
@@ -285,16 +309,11 @@ class HttpClient:
                 total = max(0.1, min(total, hard_deadline - time.monotonic()))
             try:
                 # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
-                response = self._client.request(
-                    method,
-                    url,
-                    params=dict(params) if params else None,
-                    json=json,
-                    data=data,
-                    auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
-                    timeout=total,
+                request = self._client.build_request(
+                    method, url, params=dict(params) if params else None, json=json, data=data, timeout=total,
                     extensions={"total_deadline": time.monotonic() + total},
                 )
+                response = self._send(request, auth)
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if not idempotent and not isinstance(exc, _UNSENT):
@@ -332,12 +351,44 @@ class HttpClient:
         response: httpx.Response = retrying(attempt)
         return response
 
+    def _send(self, request: httpx.Request, auth: httpx.Auth | None) -> httpx.Response:
+        """Send ``request`` (its total time bounded by its ``total_deadline``), its body read under
+        the cap; the response returned holds the decoded body."""
+        cap = self.max_response_bytes
+        response = self._client.send(request, stream=True, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
+        try:
+            declared = response.headers.get("Content-Length", "")
+            too_big = declared.isdigit() and int(declared) > cap
+            parts: list[bytes] = []
+            size = 0
+            if not too_big:
+                for part in response.iter_bytes():
+                    size += len(part)
+                    if size > cap:
+                        too_big = True
+                        break
+                    parts.append(part)
+        finally:
+            response.close()
+        if too_big:
+            parts.clear()
+            raise UpstreamError(
+                f"{request.method} {request.url.path}: HTTP {response.status_code}: the response body is larger than "
+                f"{CAP_SETTING} ({cap} bytes = {_mib(cap)}); fetch smaller pages (the paginator's limit)",
+                retryable=False, status=response.status_code,
+            )
+        headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _WIRE_HEADERS]
+        # The request that got this response (an auth flow may have re-sent it with another token).
+        return httpx.Response(response.status_code, headers=headers, content=b"".join(parts),
+                              request=response.request)
+
     @staticmethod
     def _describe(response: httpx.Response) -> str:
         method, path = response.request.method, response.request.url.path
         if 300 <= response.status_code < 400:
             location = response.headers.get("Location", "?")
-            return f"{method} {path}: HTTP {response.status_code} redirect to {location} (redirects are not followed)"
+            return (f"{method} {path}: HTTP {response.status_code} redirect to {printable_excerpt(location)} "
+                    "(redirects are not followed)")
         return f"{method} {path}: HTTP {response.status_code}: {body_excerpt(response)}"
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from connectors.base import FetchRequest
 from connectors.graphql import GraphQLConnector
 from connectors.transforms import dedupe
 from pipeline.errors import ConfigError, UpstreamError
-from tests.connectors.support import drain, records_of
+from tests.connectors.support import drain, loopback_context, records_of
 from tests.fakes.graphql_api import GraphQLApi
 
 DAY = "2024-05-01"
@@ -77,7 +77,7 @@ def test_offset_paginator_reads_every_record_once_across_chunks(graphql_api: Gra
 
 def test_an_errors_response_fails_with_the_first_message_and_keeps_no_partial_data(graphql_api: GraphQLApi) -> None:
     graphql_api.fail_next("graphql_errors", message="Field 'jobs' is unavailable for company 42", after=1)
-    connector = GraphQLConnector(relay_config(graphql_api, pages_per_chunk=5))
+    connector = GraphQLConnector(relay_config(graphql_api, pages_per_chunk=5), context=loopback_context())
     try:
         with pytest.raises(UpstreamError) as caught:
             connector.fetch(FetchRequest(company_id=1, external_id=None, resource="jobs", partition=DAY))

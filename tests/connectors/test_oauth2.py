@@ -12,7 +12,7 @@ from connectors.graphql import GraphQLConnector
 from connectors.oauth2 import MemoryTokenStore, UpstreamAuthError
 from connectors.rest import RestConnector
 from errors import ConfigError, UpstreamError
-from tests.connectors.support import drain, records_of
+from tests.connectors.support import drain, loopback_connector, records_of
 from tests.fakes.graphql_api import GraphQLApi
 from tests.fakes.oauth2 import OAuth2Provider
 from tests.fakes.upstreams import StripeApi
@@ -97,7 +97,7 @@ def test_a_token_expiring_within_60_s_is_refreshed_before_it_is_used(
     tokens = MemoryTokenStore()
     config = stripe_config(stripe_api, refresh_auth(provider, provider.issue_grant(CLIENT_ID)), limit=100)
     drain(config, "customers", tokens=tokens)
-    first = tokens.current(RestConnector(config, tokens=tokens)._auth.grant)  # type: ignore[union-attr]
+    first = tokens.current(loopback_connector(config, tokens=tokens)._auth.grant)  # type: ignore[union-attr]
     assert first is not None and first.fresh()
     wait_for(lambda: _aged_out(tokens, config), timeout=10, what="the cached token to come within 60 s of its expiry")
 
@@ -108,7 +108,7 @@ def test_a_token_expiring_within_60_s_is_refreshed_before_it_is_used(
 
 
 def _aged_out(tokens: MemoryTokenStore, config: dict[str, Any]) -> bool:
-    connector = RestConnector(config, tokens=tokens)
+    connector = loopback_connector(config, tokens=tokens)
     try:
         current = tokens.current(connector._auth.grant)  # type: ignore[union-attr]
     finally:
@@ -159,7 +159,7 @@ def test_a_401_with_a_fresh_token_is_refreshed_once_then_fails(provider: OAuth2P
 def test_secrets_never_reach_errors_or_reprs(provider: OAuth2Provider, stripe_api: StripeApi) -> None:
     refresh_token = provider.issue_grant(CLIENT_ID)
     config = stripe_config(stripe_api, refresh_auth(provider, refresh_token, client_secret="wrong-secret-value"))
-    connector = RestConnector(config, tokens=MemoryTokenStore())
+    connector = loopback_connector(config, tokens=MemoryTokenStore())
     try:
         with pytest.raises(UpstreamError) as caught:
             connector.fetch(FetchRequest(company_id=1, external_id=None, resource="customers", partition="all"))

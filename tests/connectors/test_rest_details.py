@@ -9,9 +9,8 @@ import pytest
 
 from connectors import registry
 from connectors.base import FetchRequest
-from connectors.rest import RestConnector
 from errors import ConfigError, UpstreamError
-from tests.connectors.support import drain, records_of
+from tests.connectors.support import drain, loopback_connector, records_of
 from tests.fakes.videos import VideoApi
 
 
@@ -68,7 +67,7 @@ def test_ids_without_details_are_skipped(video_api: VideoApi) -> None:
 
 def test_a_malformed_details_response_fails_naming_the_path(video_api: VideoApi) -> None:
     video_api.fail_next("malformed", variant="not_list", after=1)
-    connector = RestConnector(video_config(video_api, page=10))
+    connector = loopback_connector(video_config(video_api, page=10))
     try:
         with pytest.raises(UpstreamError) as caught:
             connector.fetch(FetchRequest(company_id=1, external_id=None, resource="videos", partition="all"))

@@ -20,7 +20,9 @@ from pipeline import migrate
 from pipeline.companies import add_company
 from pipeline.db import make_engine
 from pipeline.models import OAUTH_TOKENS
-from pipeline.oauth_tokens import DatabaseTokenStore, FernetSealer
+from pipeline.oauth_tokens import DatabaseTokenStore
+from pipeline.secrets import SecretBox
+from tests.connectors.support import loopback_context
 from tests.fakes.oauth2 import OAuth2Provider
 from tests.fakes.upstreams import StripeApi
 
@@ -63,7 +65,8 @@ def workers_auth(
     """``count`` connectors as ``count`` workers would build them, each with its own store."""
     built = []
     for _ in range(count):
-        connector = RestConnector(config, tokens=DatabaseTokenStore(engine, company, sealer=FernetSealer(KEY)))
+        connector = RestConnector(config, context=loopback_context(),
+                                  tokens=DatabaseTokenStore(engine, company, sealer=SecretBox(KEY)))
         assert isinstance(connector._auth, OAuth2Auth)
         built.append((connector, connector._auth))
     return built
@@ -116,7 +119,7 @@ def test_tokens_are_sealed_at_rest_and_the_rotated_refresh_token_is_stored(
     assert rotated is not None and rotated != config["auth"]["refresh_token"]
     stored = repr(row._mapping)
     assert rotated not in stored and token.value not in stored
-    assert FernetSealer(KEY).open(row.refresh_token) == rotated
+    assert SecretBox(KEY).open(row.refresh_token) == rotated
     assert row.refreshes == 1
 
 
@@ -149,7 +152,8 @@ def test_without_a_secrets_key_the_store_refuses_naming_the_setting(
 ) -> None:
     config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
     company = add_company(engine, name="c", connector="rest", config=config).id
-    connector = RestConnector(config, tokens=DatabaseTokenStore(engine, company, sealer=FernetSealer(None)))
+    connector = RestConnector(config, context=loopback_context(),
+                              tokens=DatabaseTokenStore(engine, company, sealer=SecretBox(None)))
     try:
         with pytest.raises(ConfigError, match="PIPELINE_SECRETS_KEY is not set"):
             connector._auth.access_token()  # type: ignore[union-attr]
