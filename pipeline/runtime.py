@@ -20,7 +20,8 @@ class Runtime:
     store: BlobStore
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
+    def from_settings(cls, settings: Settings, *, pre_ping: bool = True) -> Runtime:
+        """The runtime of ``settings``; ``pre_ping=False`` for workers (see ``pipeline.db.make_engine``)."""
         from storage.factory import open_store
 
         store = open_store(
@@ -31,7 +32,8 @@ class Runtime:
             secure=settings.s3_secure,
             region=settings.s3_region,
         )
-        return cls(settings=settings, engine=make_engine(settings.database_url), store=store)
+        engine = make_engine(settings.database_url, **({} if pre_ping else {"pool_pre_ping": False}))
+        return cls(settings=settings, engine=engine, store=store)
 
     def close(self) -> None:
         self.engine.dispose()

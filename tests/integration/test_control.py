@@ -113,7 +113,7 @@ def test_sse_client_receives_every_task_transition_and_the_final_state_in_order(
     snapshot, final = events[0][1], events[-1][1]
     assert snapshot["status"] == "planning" and snapshot["tasks"] == [], "tasks appear once the coordinator ran"
     assert final["status"] == "completed" and final["progress"]["percent"] == 100
-    assert [data["status"] for name, data in events if name == "progress"][0] == "pending", "planned, then run"
+    assert next(data["status"] for name, data in events if name == "progress") == "pending", "planned, then run"
 
     with stack.engine.connect() as conn:
         db_tasks = {row.id: row for row in conn.execute(select(TASKS).where(TASKS.c.job_id == uuid.UUID(job_id)))}
