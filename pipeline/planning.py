@@ -26,9 +26,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors import registry
 from connectors.base import Connector
+from pipeline.cleanup import id_in
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
+from pipeline.jobs import log
 from pipeline.models import JOBS, MODES, PRIORITIES, TASKS, TRIGGERS, Company, utcnow
+
+OPEN = ("pending", "processing")
+# How many skipped partitions or companies a job's log names one by one.
+LOG_NAMES = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,8 @@ class PlannedJob:
     priority: str
     companies: int = 0
     partitions_by_resource: dict[str, int] = field(default_factory=dict)
+    skipped_open: int = 0
+    skipped_companies: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,19 @@ class _Rows:
     rows: list[tuple[int, str, str]]
     per_resource: dict[str, int]
     companies: int
+    skipped: list[tuple[int, str, str]]
+    broken: list[tuple[int, str]]
+
+
+def _open_partitions(conn: Connection, company_ids: list[int]) -> set[tuple[int, str, str]]:
+    """(company, resource, partition) of every task still open, among ``company_ids``."""
+    if not company_ids:
+        return set()
+    rows = conn.execute(
+        select(TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key)
+        .where(TASKS.c.status.in_(OPEN), id_in(conn.engine, TASKS.c.company_id, company_ids))
+    ).all()
+    return {(row.company_id, row.resource, row.partition_key) for row in rows}
 
 
 def _validated_priority(trigger: str, mode: str, priority: str | None) -> str:
@@ -96,7 +117,7 @@ def _company_query() -> Any:
 
 def _named_companies(conn: Connection, company_ids: Sequence[int], columns: Any) -> list[Any]:
     """The companies named by id; raises unless every one exists and is enabled."""
-    rows = conn.execute(columns.where(Company.id.in_(list(company_ids)))).all()
+    rows = conn.execute(columns.where(id_in(conn.engine, Company.__table__.c.id, company_ids))).all()
     missing = sorted(set(company_ids) - {row.id for row in rows})
     if missing:
         raise NotFound(f"unknown company id(s): {', '.join(map(str, missing))}")
@@ -142,15 +163,20 @@ def _validate_scope(conn: Connection, scope: _Scope) -> None:
     configs = select(Company.connector, Company.connector_config, func.min(Company.id).label("id")).group_by(
         Company.connector, Company.connector_config)
     if scope.company_ids:
-        configs = configs.where(Company.id.in_([row.id for row in companies]))
+        configs = configs.where(id_in(conn.engine, Company.__table__.c.id, [row.id for row in companies]))
     else:
         configs = configs.where(Company.sync_enabled.is_(True))
     built: dict[tuple[str, bytes], Connector] = {}
     offered: set[str] = set()
     try:
         for row in conn.execute(configs):
-            offered.update(spec.name for spec in _build(row.id, row.connector, row.connector_config or {},
-                                                         built).resources())
+            try:
+                connector = _build(row.id, row.connector, row.connector_config or {}, built)
+            except ConfigError:
+                if scope.company_ids:
+                    raise
+                continue  # planning every company skips one whose config no longer validates
+            offered.update(spec.name for spec in connector.resources())
     finally:
         for connector in built.values():
             connector.close()
@@ -158,8 +184,13 @@ def _validate_scope(conn: Connection, scope: _Scope) -> None:
         _check_resources(set(scope.resources), offered)
 
 
-def _plan_rows(conn: Connection, scope: _Scope, today: date) -> _Rows:
+def _plan_rows(conn: Connection, scope: _Scope, today: date, *, skip_open: bool) -> _Rows:
+    """The (company, resource, partition) rows of ``scope``; ``skip_open`` (scheduled jobs) leaves
+    out partitions that still have an open task in another job."""
     companies = _scope_companies(conn, scope.company_ids)
+    busy = _open_partitions(conn, [company.id for company in companies]) if skip_open else set()
+    skipped: list[tuple[int, str, str]] = []
+    broken: list[tuple[int, str]] = []
     rows: list[tuple[int, str, str]] = []
     seen_resources: set[str] = set()
     per_resource: dict[str, int] = {}
@@ -168,7 +199,13 @@ def _plan_rows(conn: Connection, scope: _Scope, today: date) -> _Rows:
     built: dict[tuple[str, bytes], Connector] = {}
     try:
         for company in companies:
-            connector = _build(company.id, company.connector, company.connector_config or {}, built)
+            try:
+                connector = _build(company.id, company.connector, company.connector_config or {}, built)
+            except ConfigError as exc:
+                if scope.company_ids:
+                    raise
+                broken.append((company.id, str(exc)))
+                continue
             for spec in connector.resources():
                 seen_resources.add(spec.name)
                 if wanted_resources and spec.name not in wanted_resources:
@@ -176,14 +213,17 @@ def _plan_rows(conn: Connection, scope: _Scope, today: date) -> _Rows:
                 for partition in connector.partitions(spec.name, today):
                     if wanted_partitions and partition not in wanted_partitions:
                         continue
+                    if (company.id, spec.name, partition) in busy:
+                        skipped.append((company.id, spec.name, partition))
+                        continue
                     rows.append((company.id, spec.name, partition))
                     per_resource[spec.name] = per_resource.get(spec.name, 0) + 1
     finally:
         for connector in built.values():
             connector.close()
-    if companies:
+    if companies and seen_resources:
         _check_resources(wanted_resources, seen_resources)
-    return _Rows(rows, per_resource, len(companies))
+    return _Rows(rows, per_resource, len(companies), skipped, broken)
 
 
 def _insert_job(conn: Connection, values: dict[str, Any], tick_key: str | None) -> bool:
@@ -199,8 +239,34 @@ def _insert_job(conn: Connection, values: dict[str, Any], tick_key: str | None) 
     return inserted is not None
 
 
+def _log_skips(conn: Connection, job_id: uuid.UUID, planned: _Rows) -> None:
+    skipped, broken = planned.skipped, planned.broken
+    if skipped:
+        names = ", ".join(f"{c}/{r}/{p}" for c, r, p in skipped[:LOG_NAMES])
+        more = f" and {len(skipped) - LOG_NAMES} more" if len(skipped) > LOG_NAMES else ""
+        log(conn, job_id, None, "warning",
+            f"skipped {len(skipped)} partition(s) that already have an open task in another job: {names}{more}",
+            {"event": "skipped_open_partitions", "count": len(skipped)})
+    for company_id, problem in broken[:LOG_NAMES]:
+        log(conn, job_id, None, "error",
+            f"company {company_id} skipped: its connector config is invalid: {problem}",
+            {"event": "skipped_company", "company_id": company_id})
+    if len(broken) > LOG_NAMES:
+        log(conn, job_id, None, "error", f"{len(broken) - LOG_NAMES} more companies skipped for invalid configs",
+            {"event": "skipped_company", "count": len(broken) - LOG_NAMES})
+
+
+def _planned_job(job_id: uuid.UUID, task_ids: list[int], planned: _Rows, priority: str) -> PlannedJob:
+    return PlannedJob(job_id=job_id, total_tasks=len(task_ids), task_ids=task_ids,
+                      resources=sorted(planned.per_resource), priority=priority, companies=planned.companies,
+                      partitions_by_resource=planned.per_resource, skipped_open=len(planned.skipped),
+                      skipped_companies=[company_id for company_id, _ in planned.broken])
+
+
 def _store_tasks(conn: Connection, job_id: uuid.UUID, planned: _Rows, now: datetime) -> list[int]:
-    """Insert the tasks and mark the job planned, in the caller's transaction; the new task ids."""
+    """Insert the tasks, log what was skipped and mark the job planned, in the caller's
+    transaction; the new task ids."""
+    _log_skips(conn, job_id, planned)
     if planned.rows:
         _insert_tasks(conn, job_id, planned.rows, now)
         conn.execute(JOBS.update().where(JOBS.c.id == job_id)
@@ -237,16 +303,26 @@ def plan_job(
         priority: "high" or "normal"; defaults to high for people (api, cli), normal for the schedule.
         tick_key: unique per scheduler tick, so two schedulers plan one job per tick.
 
+    A scheduled job gives a partition that already has an open task (pending or processing,
+    in any job) no second one: two open tasks of one partition would both publish (defect 7).
+    The job's log says which were skipped. Where two open tasks of one partition still meet
+    (a person's sync overlapping a tick), publishing compare-and-swaps on the version the
+    lineage started from, so stale data never lands on top of newer data. When planning
+    every company, one whose stored config no longer validates is skipped and named in the
+    log instead of aborting the job for every tenant (defect 11). The same holds for the
+    coordinator (``coordinate_job``).
+
     Raises:
         NotFound: an unknown company id.
-        ConfigError: an unknown resource or mode, or a disabled company asked for by id.
+        ConfigError: an unknown resource or mode, a disabled company asked for by id, or a
+            company asked for by id whose config does not validate.
     """
     priority = _validated_priority(trigger, mode, priority)
     scope = _Scope.of(company_ids, resources, partitions)
     job_id = uuid.uuid4()
     now = utcnow()
     with engine.begin() as conn:
-        planned = _plan_rows(conn, scope, today or now.date())
+        planned = _plan_rows(conn, scope, today or now.date(), skip_open=trigger == "schedule")
         values = {"id": job_id, "trigger": trigger, "mode": mode, "priority": priority, "status": "pending",
                   "scope": scope.as_json(), "total_tasks": 0, "created_at": now}
         if not _insert_job(conn, values, tick_key):
@@ -254,9 +330,7 @@ def plan_job(
         task_ids = _store_tasks(conn, job_id, planned, now)
     if dispatcher is not None and task_ids:
         dispatcher.enqueue(task_ids, priority=priority)
-    return PlannedJob(job_id=job_id, total_tasks=len(task_ids), task_ids=task_ids,
-                      resources=sorted(planned.per_resource), priority=priority, companies=planned.companies,
-                      partitions_by_resource=planned.per_resource)
+    return _planned_job(job_id, task_ids, planned, priority)
 
 
 def create_job(
@@ -312,7 +386,8 @@ def coordinate_job(engine: Engine, dispatcher: Dispatcher | None, job_id: uuid.U
         if job.planned_at is not None:
             return None
         try:
-            planned = _plan_rows(conn, _Scope.from_json(job.scope), today or now.date())
+            planned = _plan_rows(conn, _Scope.from_json(job.scope), today or now.date(),
+                                 skip_open=job.trigger == "schedule")
         except (ConfigError, NotFound) as exc:
             conn.execute(JOBS.update().where(JOBS.c.id == job_id).values(
                 status="failed", planned_at=now, completed_at=now, error_message=f"planning failed: {exc}"))
@@ -320,9 +395,7 @@ def coordinate_job(engine: Engine, dispatcher: Dispatcher | None, job_id: uuid.U
         task_ids = _store_tasks(conn, job_id, planned, now)
     if dispatcher is not None and task_ids:
         dispatcher.enqueue(task_ids, priority=job.priority)
-    return PlannedJob(job_id=job_id, total_tasks=len(task_ids), task_ids=task_ids,
-                      resources=sorted(planned.per_resource), priority=job.priority, companies=planned.companies,
-                      partitions_by_resource=planned.per_resource)
+    return _planned_job(job_id, task_ids, planned, job.priority)
 
 
 def _insert_tasks(conn: Connection, job_id: uuid.UUID, rows: list[tuple[int, str, str]], now: Any) -> None:
