@@ -232,23 +232,24 @@ def run_sync(
     wait: bool,
     trigger: str = "cli",
 ) -> JobProgress | None:
-    """Plan a job; on the embedded default run it in-process, else optionally wait for it."""
+    """Submit a job to the coordinator; on the embedded default run it in-process, else optionally wait for it."""
     from actors.broker import make_broker
     from actors.tasks import declare_actors
-    from pipeline.planning import plan_job
+    from pipeline.planning import create_job
 
     broker = make_broker(rt.settings)
     actors = declare_actors(broker, rt)
     try:
-        planned = plan_job(rt.engine, actors, trigger=trigger, mode=mode, company_ids=companies,
-                           resources=resources, partitions=partitions)
-        assert planned is not None
-        out.print(str(planned.job_id))
-        err.print(f"planned {planned.total_tasks} task(s) for {planned.companies} company(ies): "
-                  f"{', '.join(f'{k}×{v}' for k, v in sorted(planned.partitions_by_resource.items()))}")
+        with rt.engine.begin() as conn:
+            submitted = create_job(conn, trigger=trigger, mode=mode, company_ids=companies, resources=resources,
+                                   partitions=partitions)
+        assert submitted is not None  # no tick key: never a duplicate
+        actors.coordinate(submitted.job_id, priority=submitted.priority)
+        out.print(str(submitted.job_id))
+        err.print(f"submitted job {submitted.job_id}: the coordinator plans its tasks")
         if rt.settings.broker_url and not wait:
             return None
-        return watch_job(rt, broker, planned.job_id, total_hint=planned.total_tasks)
+        return watch_job(rt, broker, submitted.job_id, total_hint=0)
     finally:
         broker.close()
 
