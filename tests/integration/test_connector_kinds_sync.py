@@ -8,12 +8,10 @@ from typing import Any
 
 import dramatiq
 import pytest
-from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
 from actors.tasks import Actors
-from pipeline.companies import add_company
-from pipeline.models import OAUTH_TOKENS, Dataset, JobLog, SyncTask
+from pipeline.models import COMPANIES, OAUTH_TOKENS, Dataset, JobLog, SyncTask
 from pipeline.planning import plan_job
 from pipeline.progress import job_progress
 from pipeline.runtime import Runtime
@@ -21,12 +19,11 @@ from tests.fakes.graphql_api import GraphQLApi
 from tests.fakes.oauth2 import OAuth2Provider
 from tests.fakes.upstreams import ScheduleApi
 from tests.fakes.videos import VideoApi
-from tests.integration.conftest import WorkerFleet
+from tests.integration.conftest import WorkerFleet, add_rest_company
 from tests.integration.test_rest_sync import document_of, run_job
 from tests.invariants import check_datasets, check_job_counters
 from tests.services import S3Service, wait_for
 
-KEY = Fernet.generate_key().decode()
 JOBS_QUERY = (
     "query($first: Int!, $after: String, $day: String!) { jobs(first: $first, after: $after, day: $day) {"
     " nodes { id title updatedAt } pageInfo { hasNextPage endCursor } } }"
@@ -55,7 +52,7 @@ def test_every_graphql_paginator_publishes_every_record_once_across_continuation
     paginator: str, stack: Runtime, actors: Actors, worker: dramatiq.Worker, graphql_api: GraphQLApi,
     s3_service: S3Service, s3_bucket: str,
 ) -> None:
-    company = add_company(stack.engine, name="g", connector="graphql",
+    company = add_rest_company(stack, name="g", connector="graphql",
                           config=graphql_config(graphql_api, GRAPHQL[paginator])).id
     job = run_job(stack, actors)
 
@@ -75,7 +72,7 @@ def test_a_graphql_errors_response_fails_the_task_with_its_message_and_publishes
     stack: Runtime, actors: Actors, worker: dramatiq.Worker, graphql_api: GraphQLApi,
     s3_service: S3Service, s3_bucket: str,
 ) -> None:
-    add_company(stack.engine, name="g", connector="graphql", config=graphql_config(graphql_api, GRAPHQL["relay"]))
+    add_rest_company(stack, name="g", connector="graphql", config=graphql_config(graphql_api, GRAPHQL["relay"]))
     graphql_api.fail_next("graphql_errors", message="Cannot query jobs of a suspended account", after=3)
     job = run_job(stack, actors)
 
@@ -106,7 +103,7 @@ def test_list_then_detail_publishes_every_detail_record_once_with_ceil_ids_over_
                             "join": "id", "list_id": "id.videoId"},
             }},
         }
-        company = add_company(stack.engine, name="v", connector="rest", config=config).id
+        company = add_rest_company(stack, name="v", connector="rest", config=config).id
         job = run_job(stack, actors)
 
         assert check_job_counters(stack.engine, job.job_id) == {"completed": 1}
@@ -124,7 +121,6 @@ def test_list_then_detail_publishes_every_detail_record_once_with_ceil_ids_over_
 PARTITIONS = 20
 
 
-@pytest.mark.settings(secrets_key=KEY)
 def test_rotating_refresh_tokens_under_load_two_processes_four_threads(
     stack: Runtime, actors: Actors, worker_fleet: WorkerFleet, schedule_api: ScheduleApi,
     oauth_provider: OAuth2Provider, s3_service: S3Service, s3_bucket: str,
@@ -143,7 +139,7 @@ def test_rotating_refresh_tokens_under_load_two_processes_four_threads(
             "paginator": {"type": "page", "size": 2}, "transform": "schedule",
         }},
     }
-    company = add_company(stack.engine, name="oauth", connector="rest", config=config).id
+    company = add_rest_company(stack, name="oauth", connector="rest", config=config).id
     worker_fleet.start(threads=4)
     worker_fleet.start(threads=4)
     job = plan_job(stack.engine, actors, trigger="cli")
@@ -166,10 +162,12 @@ def test_rotating_refresh_tokens_under_load_two_processes_four_threads(
         row = conn.execute(select(OAUTH_TOKENS).where(OAUTH_TOKENS.c.company_id == company)).one()
     assert row.refreshes == oauth_provider.refreshes and row.revoked_reason is None
     assert oauth_provider.current_refresh_token() not in repr(row._mapping)
+    with stack.engine.connect() as conn:
+        stored = repr(conn.execute(select(COMPANIES.c.connector_config).where(COMPANIES.c.id == company)).scalar_one())
+    assert "client-secret" not in stored and config["auth"]["refresh_token"] not in stored, "secrets sealed at rest"
     check_datasets(stack.engine, s3_service.client(), s3_bucket)
 
 
-@pytest.mark.settings(secrets_key=KEY)
 def test_invalid_grant_fails_every_task_of_the_company_with_upstream_auth_and_asks_once(
     stack: Runtime, actors: Actors, worker: dramatiq.Worker, schedule_api: ScheduleApi,
     oauth_provider: OAuth2Provider,
@@ -186,7 +184,7 @@ def test_invalid_grant_fails_every_task_of_the_company_with_upstream_auth_and_as
             "transform": "schedule",
         }},
     }
-    add_company(stack.engine, name="revoked", connector="rest", config=config)
+    add_rest_company(stack, name="revoked", connector="rest", config=config)
     job = run_job(stack, actors)
 
     assert check_job_counters(stack.engine, job.job_id) == {"failed": 3}

@@ -87,7 +87,8 @@ def test_concurrent_workers_refresh_once_and_share_the_token(
     engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
 ) -> None:
     config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config).id
+    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                          secrets=SecretBox(KEY)).id
     workers = workers_auth(engine, company, config, THREADS)
     try:
         first = all_at_once([auth.access_token for _, auth in workers])
@@ -107,7 +108,8 @@ def test_tokens_are_sealed_at_rest_and_the_rotated_refresh_token_is_stored(
     engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
 ) -> None:
     config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config).id
+    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                          secrets=SecretBox(KEY)).id
     [(connector, auth)] = workers_auth(engine, company, config, 1)
     try:
         token = auth.access_token()
@@ -127,7 +129,8 @@ def test_a_refused_grant_is_remembered_until_the_connection_is_re_authorized(
     engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
 ) -> None:
     config = config_for(provider, stripe_api, "rt_never_issued")
-    company = add_company(engine, name="c", connector="rest", config=config).id
+    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                          secrets=SecretBox(KEY)).id
     [(one, first_worker), (two, second_worker)] = workers_auth(engine, company, config, 2)
     try:
         with pytest.raises(UpstreamAuthError, match="must be re-authorized"):
@@ -151,7 +154,8 @@ def test_without_a_secrets_key_the_store_refuses_naming_the_setting(
     engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
 ) -> None:
     config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config).id
+    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                          secrets=SecretBox(KEY)).id
     connector = RestConnector(config, context=loopback_context(),
                               tokens=DatabaseTokenStore(engine, company, sealer=SecretBox(None)))
     try:
