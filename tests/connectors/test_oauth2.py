@@ -187,3 +187,29 @@ def test_a_bad_oauth2_config_names_the_key(stripe_api: StripeApi, auth: dict[str
     with pytest.raises(ConfigError) as caught:
         registry.validate("rest", stripe_config(stripe_api, auth))
     assert problem in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["rest", "graphql"])
+def test_client_secret_and_refresh_token_are_secrets_to_seal(kind: str) -> None:
+    auth = {"type": "oauth2_refresh_token", "token_url": "https://auth.example.com/token", "client_id": "c",
+            "client_secret": "cs", "refresh_token": "rt_x"}
+    if kind == "rest":
+        config: dict[str, Any] = {"base_url": "https://api.example.com", "auth": auth,
+                                  "resources": {"r": {"path": "/r", "primary_key": "id"}}}
+    else:
+        config = {"endpoint": "https://api.example.com/graphql", "auth": auth,
+                  "resources": {"r": {"query": "query { r { id } }", "records": "data.r", "primary_key": "id"}}}
+
+    paths = registry.validate(kind, config)
+
+    assert sorted(paths) == [("auth", "client_secret"), ("auth", "refresh_token")]
+
+
+def test_a_token_url_on_a_refused_address_is_refused_when_the_config_is_stored(stripe_api: StripeApi) -> None:
+    auth = {"type": "oauth2_client_credentials", "token_url": "http://169.254.169.254/token", "client_id": "c",
+            "client_secret": "s"}
+    config = stripe_config(stripe_api, auth)
+    config["base_url"] = "https://api.example.com"
+
+    with pytest.raises(ConfigError, match=r"auth\.token_url: 169\.254\.169\.254 is a link-local address"):
+        registry.validate("rest", config)
