@@ -22,14 +22,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors.oauth2 import AccessToken, Obtain, UpstreamAuthError
+from pipeline.errors import ConfigError
 from pipeline.models import OAUTH_TOKENS
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
+    from pipeline.secrets import SecretBox
 
 
 class Sealer(Protocol):
@@ -133,3 +135,29 @@ class DatabaseTokenStore:
 def token_store(rt: Runtime, company_id: int) -> DatabaseTokenStore:
     """The token store a worker passes to a company's connector."""
     return DatabaseTokenStore(rt.engine, company_id, sealer=rt.secrets)
+
+
+def rotate_sealed_tokens(conn: Connection, box: SecretBox) -> int:
+    """Re-encrypt every stored OAuth2 token under ``box``'s first key, on ``conn``'s transaction
+    (``pipeline secrets rotate`` calls it with the companies' secrets). Returns how many.
+
+    Raises:
+        ConfigError: a stored token no key decrypts, naming the company.
+    """
+    table = OAUTH_TOKENS
+    count = 0
+    rows = conn.execute(select(table.c.company_id, table.c.access_token, table.c.refresh_token)
+                        .order_by(table.c.company_id).with_for_update()).all()
+    for company_id, access_token, refresh_token in rows:
+        values: dict[str, Any] = {}
+        for name, sealed in (("access_token", access_token), ("refresh_token", refresh_token)):
+            if sealed is None:
+                continue
+            try:
+                values[name] = box.rotate(sealed)
+            except ConfigError as exc:
+                raise ConfigError(f"company {company_id}, oauth_tokens.{name}: {exc}") from None
+        if values:
+            conn.execute(update(table).where(table.c.company_id == company_id).values(**values))
+            count += len(values)
+    return count

@@ -21,7 +21,7 @@ from pipeline.companies import add_company
 from pipeline.db import make_engine
 from pipeline.models import OAUTH_TOKENS
 from pipeline.oauth_tokens import DatabaseTokenStore
-from pipeline.secrets import SecretBox
+from pipeline.secrets import SecretBox, rotate_stored_secrets
 from tests.connectors.support import loopback_context
 from tests.fakes.oauth2 import OAuth2Provider
 from tests.fakes.upstreams import StripeApi
@@ -163,3 +163,27 @@ def test_without_a_secrets_key_the_store_refuses_naming_the_setting(
             connector._auth.access_token()  # type: ignore[union-attr]
     finally:
         connector.close()
+
+
+def test_secrets_rotate_re_encrypts_the_stored_tokens_under_the_new_key(
+    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
+) -> None:
+    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
+    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                          secrets=SecretBox(KEY)).id
+    [(connector, auth)] = workers_auth(engine, company, config, 1)
+    try:
+        token = auth.access_token()
+    finally:
+        connector.close()
+    new_key = Fernet.generate_key().decode()
+
+    secrets, _companies = rotate_stored_secrets(engine, SecretBox(f"{new_key},{KEY}"))
+
+    assert secrets == 2 + 2, "client_secret and refresh_token in the config, two tokens in oauth_tokens"
+    store = DatabaseTokenStore(engine, company, sealer=SecretBox(new_key))
+    current = store.current(auth.grant)
+    assert current is not None and current.value == token.value
+    with engine.connect() as conn:
+        row = conn.execute(select(OAUTH_TOKENS)).one()
+    assert SecretBox(new_key).open(row.refresh_token) == provider.current_refresh_token()
