@@ -39,6 +39,14 @@ class StorageError(PipelineError):
     """The blob store could not be reached or refused an operation."""
 
 
+class StorageAuthError(StorageError, ConfigError):
+    """The S3 service rejected our credentials (bad signature, unknown key, access denied).
+
+    A storage error that is a configuration error too: it does not go away by waiting, so it is
+    neither an outage to wait out nor worth another attempt.
+    """
+
+
 class ObjectMissing(StorageError):
     """An object that should exist is not in the blob store."""
 

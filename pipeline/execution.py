@@ -31,6 +31,7 @@ from pipeline.errors import (
     LeaseLost,
     ObjectMissing,
     PipelineError,
+    StorageAuthError,
     StorageError,
     TaskCancelled,
     UpstreamError,
@@ -66,10 +67,11 @@ def is_outage(exc: BaseException) -> bool:
     """A service we depend on is unreachable (blob storage, the database): not the task's fault.
 
     Such a failure costs the task no attempt, and the broker keeps retrying it (with capped
-    backoff) for as long as the outage lasts. A missing or corrupt object is not an outage.
+    backoff) for as long as the outage lasts. A missing or corrupt object is not an outage, nor
+    are rejected credentials (a configuration error).
     """
     if isinstance(exc, StorageError):
-        return not isinstance(exc, ObjectMissing | ChecksumMismatch)
+        return not isinstance(exc, ObjectMissing | ChecksumMismatch | StorageAuthError)
     return isinstance(exc, OperationalError | InterfaceError)
 
 

@@ -236,9 +236,17 @@ class SeaweedFS:
                 process.wait(timeout=30)
         self._close_log()
 
-    def remove(self) -> None:
-        """Stop the server and delete its data directory."""
+    def change_credentials(self, *, access_key: str, secret_key: str) -> None:
+        """Replace the S3 identity (a key rotated on the server): restart on the same data and ports.
+        Clients holding the old key are refused from then on."""
         self.stop()
+        self.access_key, self.secret_key = access_key, secret_key
+        self.start()
+
+    def remove(self) -> None:
+        """Kill the server (its data is thrown away: no need for a graceful stop) and delete its
+        data directory."""
+        self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
