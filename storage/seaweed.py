@@ -35,7 +35,7 @@ from minio import Minio
 from minio.error import MinioException
 from urllib3.exceptions import HTTPError
 
-from pipeline.errors import ConfigError, StorageError
+from errors import ConfigError, StorageError
 from storage.s3 import http_client
 
 HOST = "127.0.0.1"
