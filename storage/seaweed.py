@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import urllib3
 from minio import Minio
 from minio.error import MinioException
 from urllib3.exceptions import HTTPError
@@ -200,7 +201,9 @@ class SeaweedFS:
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=None if self.outlive_parent else _die_with_parent)
         deadline = time.monotonic() + timeout
-        client = self.client()
+        # No retries of its own: each poll is one quick request, and a refusal is no news.
+        client = Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False,
+                       http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False))
         while True:
             if self._process.poll() is not None:
                 raise StorageError(f"SeaweedFS exited with code {self._process.returncode} while starting;"
