@@ -320,7 +320,8 @@ def main(argv: list[str]) -> int:
         row("throughput", "same sync, unchanged data", result.second.rate, result.first.rate, "tasks/s",
             at_least(2.0), note=f"baseline: the first sync; {result.rewritten} document(s) rewritten"),
         row("throughput", "CPU per task, first sync", result.cpu_ms[1], result.cpu_ms[0], "ms",
-            note="workers + PostgreSQL backends + S3 server + RabbitMQ; less noisy than wall time on a shared box"),
+            note="workers + PostgreSQL backends + the S3 server (weed, for SeaweedFS) + RabbitMQ; less noisy"
+                 " than wall time on a shared box"),
         row("throughput", "CPU per task, unchanged data", result.cpu_ms[2], result.cpu_ms[1], "ms",
             note="baseline: the first sync"),
         row("throughput", "database round trips per task", result.first_trips.database, 1, "",
