@@ -39,6 +39,11 @@ class StorageError(PipelineError):
     """The blob store could not be reached or refused an operation."""
 
 
+class ServiceError(PipelineError):
+    """A service the product depends on is unreachable, refuses our credentials or is not set up
+    (the schema was never migrated). The message names the service, its URL and the fix."""
+
+
 class ObjectMissing(StorageError):
     """An object that should exist is not in the blob store."""
 
