@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from pipeline.errors import ChecksumMismatch, ObjectMissing, ServiceError, StorageError
+from pipeline.errors import ChecksumMismatch, InvalidKey, ObjectMissing, ServiceError, StorageError
 from pipeline.settings import Settings
 
 MIGRATE_FIX = "run `pipeline migrate`"
@@ -183,7 +183,7 @@ def _explain_one(error: BaseException, settings: Settings | None) -> str | None:
         return _explain_database(error, settings)
     if _is_broker_error(error):
         return _explain_broker(error, settings)
-    if isinstance(error, StorageError) and not isinstance(error, ObjectMissing | ChecksumMismatch):
+    if isinstance(error, StorageError) and not isinstance(error, ObjectMissing | ChecksumMismatch | InvalidKey):
         return _explain_storage(error, settings)
     return None
 
