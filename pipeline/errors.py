@@ -21,6 +21,7 @@ from errors import (
     StorageError,
     TaskCancelled,
     UpstreamError,
+    VersionChanged,
     classify,
 )
 
@@ -42,5 +43,6 @@ __all__ = [
     "StorageError",
     "TaskCancelled",
     "UpstreamError",
+    "VersionChanged",
     "classify",
 ]
