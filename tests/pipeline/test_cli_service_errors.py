@@ -4,8 +4,8 @@ migrated by an older version, a database, RabbitMQ or S3 server that is not ther
 that is wrong. Each answers with exit code 3 and one line on stderr naming the service, its URL
 without the password, and the fix.
 
-``pipeline token`` and ``pipeline demo`` use no configured service (the demo brings its own
-SQLite file and blob directory), so they are not in the matrix.
+``pipeline token``, ``pipeline secrets keygen`` and ``pipeline demo`` use no configured service
+(the demo brings its own SQLite file and blob directory), so they are not in the matrix.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ COMMANDS: dict[str, list[str]] = {
     "migrate": ["migrate"],
     "company add": ["company", "add", "Acme", "--connector", "synthetic"],
     "company list": ["company", "list"],
+    "company show": ["company", "show", "1"],
     "company set-toggles": ["company", "set-toggles", "1", "{}"],
     "company set-config": ["company", "set-config", "1", "{}"],
     "company enable": ["company", "enable", "1"],
     "sync": ["sync"],
     "sweep": ["sweep"],
     "cleanup": ["cleanup"],
+    "secrets rotate": ["secrets", "rotate"],
     "jobs list": ["jobs", "list"],
     "jobs show": ["jobs", "show", JOB_ID],
     "jobs cancel": ["jobs", "cancel", JOB_ID],
