@@ -44,7 +44,9 @@ from pipeline.errors import (
 )
 from pipeline.jobs import Claim, claim_task, clean_text
 from pipeline.models import CURSORS
+from pipeline.oauth_tokens import token_store
 from pipeline.runtime import Runtime
+from pipeline.secrets import unseal
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +140,9 @@ def run_task(
     started = time.monotonic()
     attempt = Attempt.start(rt, claim, should_stop=should_stop)
     try:
-        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
-                                   on_response=metrics.upstream_counter(claim.connector))
+        connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
+                                   on_response=metrics.upstream_counter(claim.connector),
+                                   context=rt.connector_context, tokens=token_store(rt, claim.company_id))
         try:
             outcome = _run(attempt, connector)
             metrics.task_run(claim.resource, outcome.value, started)

@@ -14,6 +14,7 @@ from connectors.rest.config import RetryConfig
 from connectors.rest.http import HttpClient
 from connectors.rest.ratelimit import LocalRateLimiter
 from errors import DeadlineExceeded, UpstreamError
+from tests.connectors.support import LOOPBACK
 
 
 def test_a_rate_limit_slot_past_the_deadline_raises_at_once_instead_of_sleeping() -> None:
@@ -58,7 +59,7 @@ def slow_drip() -> Iterator[str]:
 
 
 def test_a_slow_drip_response_is_cut_off_at_the_requests_total_timeout(slow_drip: str) -> None:
-    client = HttpClient(slow_drip, timeout_s=1.0, retry=RetryConfig(max_attempts=1))
+    client = HttpClient(slow_drip, timeout_s=1.0, retry=RetryConfig(max_attempts=1), network=LOOPBACK)
     started = time.monotonic()
     with pytest.raises(UpstreamError, match="took longer than the request's total time"):
         client.get(f"{slow_drip}/items")
@@ -68,7 +69,7 @@ def test_a_slow_drip_response_is_cut_off_at_the_requests_total_timeout(slow_drip
 
 
 def test_a_request_never_runs_past_the_lease_deadline(slow_drip: str) -> None:
-    client = HttpClient(slow_drip, timeout_s=30.0, retry=RetryConfig(max_attempts=1))
+    client = HttpClient(slow_drip, timeout_s=30.0, retry=RetryConfig(max_attempts=1), network=LOOPBACK)
     started = time.monotonic()
     with pytest.raises(UpstreamError):
         client.get(f"{slow_drip}/items", hard_deadline=time.monotonic() + 1.0)
