@@ -201,18 +201,20 @@ def test_a_partition_name_the_key_builder_refuses_fails_at_once_instead_of_retry
 # --- defect 5 -----------------------------------------------------------------------------------
 
 
-@pytest.mark.settings(lease_s=1.0, task_time_budget_s=120)
+@pytest.mark.settings(lease_s=3.0, task_time_budget_s=120)
 def test_a_final_assembly_longer_than_the_lease_renews_it_and_no_other_claim_gets_in(stack: Runtime) -> None:
-    per_page = 20_000
+    per_page = 40_000
     pages = [records(i * per_page, (i + 1) * per_page, pad="x" * 40) for i in range(8)]
-    company = add_scripted(stack, Script(pages=fixed(pages)))
+    claimed = threading.Event()
+    company = add_scripted(stack, Script(pages=fixed(pages), before_fetch=lambda request, page: claimed.set()))
     _job_id, task_id = plan(stack, company)
     stolen: list[object] = []
     stop = threading.Event()
 
     def rival() -> None:  # the sweeper's re-sent message, delivered again and again
+        claimed.wait(60)
         while not stop.is_set():
-            claim = claim_task(stack.engine, task_id, lease_s=1.0)
+            claim = claim_task(stack.engine, task_id, lease_s=3.0)
             if claim is not None:
                 stolen.append(claim)
             stop.wait(0.05)
@@ -225,8 +227,8 @@ def test_a_final_assembly_longer_than_the_lease_renews_it_and_no_other_claim_get
     finally:
         stop.set()
         thread.join()
+    assert outcome is Outcome.COMPLETED and stolen == [], task_row(stack, task_id).error_message
     assert (utcnow() - started).total_seconds() > stack.settings.lease_seconds, "the task ran within one lease"
-    assert outcome is Outcome.COMPLETED and stolen == []
     assert len(published(stack, company)["records"]) == 8 * per_page
 
 

@@ -3,18 +3,19 @@ committed before its messages could be sent is answered normally (the sweeper se
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
 import pika.exceptions
-from sqlalchemy import select, update
+from sqlalchemy import update
 
-from pipeline.control import submit_job
-from pipeline.models import JOB_LOG, JOBS, TASKS, utcnow
+from pipeline.control import retry_job, submit_job
+from pipeline.models import JOBS, TASKS, utcnow
 from pipeline.runtime import Runtime
 from pipeline.sweeper import sweep
 from tests.fakes.scripted import Script, fixed
-from tests.integration.test_protocol import add_scripted, plan, records
+from tests.integration.test_protocol import add_scripted, job_log, plan, records
 
 
 class RecordingBroker:
@@ -22,8 +23,14 @@ class RecordingBroker:
 
     def __init__(self, *, backlog: int = 0, refuse: bool = False) -> None:
         self.sent: list[int] = []
+        self.coordinated: list[uuid.UUID] = []
         self._backlog = backlog
         self.refuse = refuse
+
+    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
+        if self.refuse:
+            raise pika.exceptions.AMQPConnectionError("connection refused")
+        self.coordinated.append(job_id)
 
     def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
         if self.refuse:
@@ -60,16 +67,30 @@ def test_a_pending_task_is_not_resent_under_a_backlog_while_nothing_later_has_st
     assert sweep(stack.engine, broker, pending_grace_s=300).lost_messages == 0 and broker.sent == []
 
 
-def test_a_sync_whose_messages_cannot_be_sent_is_still_accepted_and_logged_for_the_sweeper(stack: Runtime) -> None:
+def test_a_sync_whose_message_cannot_be_sent_is_still_accepted_and_logged_for_the_sweeper(stack: Runtime) -> None:
     company = add_scripted(stack, Script(pages=fixed([records(0, 3)])))
     broker = RecordingBroker(refuse=True)
-    planned = submit_job(stack.engine, broker, trigger="api", max_unfinished=3, company_ids=[company])
-    assert planned.total_tasks == 1
-    with stack.engine.connect() as conn:
-        messages = list(conn.execute(select(JOB_LOG.c.message).where(JOB_LOG.c.job_id == planned.job_id)).scalars())
-    assert any("the sweeper will send them" in m for m in messages)
+    submitted = submit_job(stack.engine, broker, trigger="api", max_unfinished=3, company_ids=[company])
+    assert any("the sweeper will send it" in m for m in job_log(stack, submitted.job_id))
+    broker.refuse = False
+    with stack.engine.begin() as conn:
+        conn.execute(update(JOBS).values(created_at=utcnow() - timedelta(seconds=400)))
+    sweep(stack.engine, broker, pending_grace_s=300)
+    assert broker.coordinated == [submitted.job_id]
+
+
+def test_a_retry_whose_messages_cannot_be_sent_is_still_answered_and_the_sweeper_sends_them(stack: Runtime) -> None:
+    company = add_scripted(stack, Script(pages=fixed([records(0, 3)])))
+    job_id, task_id = plan(stack, company)
+    with stack.engine.begin() as conn:
+        conn.execute(update(TASKS).values(status="failed", completed_at=utcnow()))
+        conn.execute(update(JOBS).values(status="failed", failed_tasks=1, completed_at=utcnow()))
+    broker = RecordingBroker(refuse=True)
+    result = retry_job(stack.engine, broker, job_id=job_id, requested_by="test")
+    assert result.retried_tasks == 1
+    assert any("the sweeper will send them" in m for m in job_log(stack, job_id))
     broker.refuse = False
     with stack.engine.begin() as conn:
         conn.execute(update(TASKS).values(updated_at=utcnow() - timedelta(hours=1)))
     assert sweep(stack.engine, broker, pending_grace_s=300).lost_messages == 1
-    assert broker.sent == planned.task_ids
+    assert broker.sent == [task_id]
