@@ -123,7 +123,8 @@ def test_any_upstream_page_ends_its_task_with_a_readable_message_and_touches_no_
     stack: Runtime, fuzz_api: FuzzApi,
 ) -> None:
     fuzz_api.pages = [json.dumps({"data": [{"id": 1, "name": "kept"}], "more": False}).encode()]
-    keeper = add_company(stack.engine, name="keeper", connector="rest", config=rest_config(fuzz_api)).id
+    keeper = add_company(stack.engine, name="keeper", connector="rest", config=rest_config(fuzz_api),
+                         context=stack.connector_context, secrets=stack.secrets).id
     planned = plan_job(stack.engine, None, trigger="api", company_ids=[keeper])
     assert planned is not None and run_task(stack, planned.task_ids[0]) is Outcome.COMPLETED
     kept = dataset_rows(stack)[keeper]
@@ -135,7 +136,8 @@ def test_any_upstream_page_ends_its_task_with_a_readable_message_and_touches_no_
         FUZZ["examples"] += 1
         fuzz_api.pages = list(bodies)
         company = add_company(stack.engine, name=f"fuzz{FUZZ['examples']}", connector="rest",
-                              config=rest_config(fuzz_api)).id
+                              config=rest_config(fuzz_api), context=stack.connector_context,
+                              secrets=stack.secrets).id
         job = plan_job(stack.engine, None, trigger="api", company_ids=[company])
         assert job is not None
         (task_id,) = job.task_ids
