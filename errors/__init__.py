@@ -124,6 +124,14 @@ class DatabaseUnavailable(PipelineError):
     default_kind = FailureKind.OUTAGE
 
 
+class ServiceError(PipelineError):
+    """A service the product depends on is unreachable, refuses our credentials or is not set up
+    (the schema was never migrated). The message names the service, its URL and the fix; the
+    CLI raises it before a command starts (``pipeline.preflight``)."""
+
+    default_kind = FailureKind.PERMANENT
+
+
 class TaskCancelled(PipelineError):
     """The task's job was cancelled; work stops at the chunk boundary."""
 

@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.errors import PipelineError
+from pipeline.preflight import check_broker, check_schema, explain
 from pipeline.progress import JobProgress
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings, load_settings
@@ -26,7 +28,27 @@ from pipeline.settings import Settings, load_settings
 if TYPE_CHECKING:
     import dramatiq
 
-app = typer.Typer(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
+SERVICE_EXIT_CODE = 3
+"""Exit code when a service is unreachable, refuses our credentials or is not migrated (2: bad
+input, 1: a job failed)."""
+
+
+class PipelineApp(typer.Typer):
+    """The Typer app with one error handler for every command, including those added later: a
+    failure of a service we depend on (database, schema, RabbitMQ, S3) or any error of our tree
+    ends as one line on stderr and a non-zero exit, never a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            code = exit_for(exc)
+            if code is None:
+                raise
+            sys.exit(code)
+
+
+app = PipelineApp(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 company_app = typer.Typer(help="Manage companies (tenants).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect, cancel and retry sync jobs.", no_args_is_help=True)
@@ -41,17 +63,41 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Plain text (a message may hold "[...]"), never wrapped: one line whatever the terminal width.
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _settings_or_none() -> Settings | None:
+    try:
+        return load_settings()
+    except PipelineError:
+        return None
+
+
+def exit_for(exc: BaseException) -> int | None:
+    """Print the one line for ``exc`` and return the exit code, or ``None`` when ``exc`` is not a
+    service failure nor one of our errors (then it is a bug, and its traceback is wanted)."""
+    if isinstance(exc, typer.Exit | SystemExit | KeyboardInterrupt):
+        return None
+    explained = explain(exc, _settings_or_none())
+    if explained is not None:
+        return fail(explained, SERVICE_EXIT_CODE).exit_code
+    if isinstance(exc, PipelineError):
+        return fail(str(exc)).exit_code
+    return None
 
 
 @contextmanager
 def errors_to_exit() -> Iterator[None]:
-    """Turn our errors into one readable line and a non-zero exit, never a traceback."""
+    """Turn our errors and service failures into one readable line and a non-zero exit, never a traceback."""
     try:
         yield
-    except PipelineError as exc:
-        raise fail(str(exc)) from None
+    except Exception as exc:
+        code = exit_for(exc)
+        if code is None:
+            raise
+        raise typer.Exit(code) from None
 
 
 def settings() -> Settings:
@@ -60,14 +106,31 @@ def settings() -> Settings:
 
 
 @contextmanager
-def runtime() -> Iterator[Runtime]:
+def runtime(*, broker: bool = False) -> Iterator[Runtime]:
+    """The runtime of a command: the store reached, the database reached and at the schema head,
+    and with ``broker`` RabbitMQ reached too (when one is configured)."""
     with errors_to_exit():
         rt = Runtime.from_settings(load_settings())
+    try:
+        with errors_to_exit():
+            check_schema(rt.engine, rt.settings)
+            if broker:
+                check_broker(rt.settings)
+    except BaseException:
+        rt.close()
+        raise
     try:
         with errors_to_exit():
             yield rt
     finally:
         rt.close()
+
+
+def preflight(s: Settings) -> None:
+    """For long-running commands: every service reached and the schema current before starting,
+    so a wrong setting fails now, in the foreground, not in a child process or at the first tick."""
+    with runtime(broker=True):
+        pass
 
 
 def parse_json(value: str, what: str) -> Any:
@@ -281,7 +344,7 @@ def sync(
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
     """Start a sync now; prints the job id. Without a broker it runs in-process and waits."""
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         final = run_sync(rt, companies=company, resources=resource, partitions=partition, mode=mode, wait=wait)
     if final is not None and final.status != "completed":
         raise typer.Exit(1)
@@ -297,6 +360,7 @@ def worker(
     if not s.broker_url:
         raise fail("PIPELINE_BROKER_URL is not set: workers need RabbitMQ (the embedded default runs "
                    "work inside `pipeline sync` / `pipeline demo`)")
+    preflight(s)
     threads = threads or s.worker_threads
     from pipeline.secrets import check_stored_secrets
 
@@ -337,7 +401,7 @@ def scheduler() -> None:
     from actors.tasks import declare_actors
     from pipeline.scheduler import build_scheduler
 
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         if not rt.settings.broker_url:
             raise fail("PIPELINE_BROKER_URL is not set: the scheduler hands work to RabbitMQ workers")
@@ -359,7 +423,7 @@ def sweep_once() -> None:
     from actors.tasks import declare_actors
     from pipeline.sweeper import sweep
 
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         try:
             report = sweep(rt.engine, declare_actors(broker, rt), pending_grace_s=rt.settings.pending_grace_s)
@@ -459,7 +523,7 @@ def jobs_retry(
     from pipeline.control import retry_job
 
     jid = parse_job_id(job_id)
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         try:
             result = retry_job(rt.engine, declare_actors(broker, rt), job_id=jid, requested_by="cli")
@@ -484,6 +548,7 @@ def serve(
     from pipeline.api.serve import serve as run_server
 
     s = settings()
+    preflight(s)
     with errors_to_exit():
         run_server(s, host=host, port=port, workers=workers, access_log=access_log)
 

@@ -44,6 +44,7 @@ from pipeline.errors import (
 )
 from pipeline.jobs import Claim, claim_task, clean_text
 from pipeline.models import CURSORS
+from pipeline.oauth_tokens import token_store
 from pipeline.runtime import Runtime
 from pipeline.secrets import unseal
 
@@ -141,7 +142,7 @@ def run_task(
     try:
         connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
                                    on_response=metrics.upstream_counter(claim.connector),
-                                   context=rt.connector_context)
+                                   context=rt.connector_context, tokens=token_store(rt, claim.company_id))
         try:
             outcome = _run(attempt, connector)
             metrics.task_run(claim.resource, outcome.value, started)
