@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.errors import PipelineError
+from pipeline.preflight import check_broker, check_schema, explain
 from pipeline.progress import JobProgress
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings, load_settings
@@ -26,7 +28,27 @@ from pipeline.settings import Settings, load_settings
 if TYPE_CHECKING:
     import dramatiq
 
-app = typer.Typer(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
+SERVICE_EXIT_CODE = 3
+"""Exit code when a service is unreachable, refuses our credentials or is not migrated (2: bad
+input, 1: a job failed)."""
+
+
+class PipelineApp(typer.Typer):
+    """The Typer app with one error handler for every command, including those added later: a
+    failure of a service we depend on (database, schema, RabbitMQ, S3) or any error of our tree
+    ends as one line on stderr and a non-zero exit, never a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            code = exit_for(exc)
+            if code is None:
+                raise
+            sys.exit(code)
+
+
+app = PipelineApp(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 company_app = typer.Typer(help="Manage companies (tenants).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect, cancel and retry sync jobs.", no_args_is_help=True)
@@ -41,17 +63,41 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Plain text (a message may hold "[...]"), never wrapped: one line whatever the terminal width.
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _settings_or_none() -> Settings | None:
+    try:
+        return load_settings()
+    except PipelineError:
+        return None
+
+
+def exit_for(exc: BaseException) -> int | None:
+    """Print the one line for ``exc`` and return the exit code, or ``None`` when ``exc`` is not a
+    service failure nor one of our errors (then it is a bug, and its traceback is wanted)."""
+    if isinstance(exc, typer.Exit | SystemExit | KeyboardInterrupt):
+        return None
+    explained = explain(exc, _settings_or_none())
+    if explained is not None:
+        return fail(explained, SERVICE_EXIT_CODE).exit_code
+    if isinstance(exc, PipelineError):
+        return fail(str(exc)).exit_code
+    return None
 
 
 @contextmanager
 def errors_to_exit() -> Iterator[None]:
-    """Turn our errors into one readable line and a non-zero exit, never a traceback."""
+    """Turn our errors and service failures into one readable line and a non-zero exit, never a traceback."""
     try:
         yield
-    except PipelineError as exc:
-        raise fail(str(exc)) from None
+    except Exception as exc:
+        code = exit_for(exc)
+        if code is None:
+            raise
+        raise typer.Exit(code) from None
 
 
 def settings() -> Settings:
@@ -60,9 +106,19 @@ def settings() -> Settings:
 
 
 @contextmanager
-def runtime() -> Iterator[Runtime]:
+def runtime(*, broker: bool = False) -> Iterator[Runtime]:
+    """The runtime of a command: the store reached, the database reached and at the schema head,
+    and with ``broker`` RabbitMQ reached too (when one is configured)."""
     with errors_to_exit():
         rt = Runtime.from_settings(load_settings())
+    try:
+        with errors_to_exit():
+            check_schema(rt.engine, rt.settings)
+            if broker:
+                check_broker(rt.settings)
+    except BaseException:
+        rt.close()
+        raise
     try:
         with errors_to_exit():
             yield rt
@@ -70,13 +126,19 @@ def runtime() -> Iterator[Runtime]:
         rt.close()
 
 
+def preflight(s: Settings) -> None:
+    """For long-running commands: every service reached and the schema current before starting,
+    so a wrong setting fails now, in the foreground, not in a child process or at the first tick."""
+    with runtime(broker=True):
+        pass
+
+
 def check_secrets_key(s: Settings) -> None:
     """Components that decrypt tenants' secrets (workers; the API, to keep them on update) stop
     at start-up, naming ``PIPELINE_SECRETS_KEY``, when it is missing or opens no stored secret.
 
-    An unreachable database is not a reason to refuse to start (the component waits for it
-    like for any outage): the check is then skipped, and a task that cannot decrypt fails naming
-    the setting.
+    Runs after ``preflight``; should the database stop answering in between, the check is
+    skipped with a warning, and a task that cannot decrypt fails naming the setting.
     """
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -255,25 +317,26 @@ def run_sync(
     wait: bool,
     trigger: str = "cli",
 ) -> JobProgress | None:
-    """Plan a job; on the embedded default run it in-process, else optionally wait for it."""
+    """Submit a job to the coordinator; on the embedded default run it in-process, else optionally wait for it."""
     from actors.broker import make_broker
     from actors.tasks import declare_actors
-    from pipeline.planning import plan_job
+    from pipeline.planning import create_job
 
     if not rt.settings.broker_url:
         check_secrets_key(rt.settings)  # the tasks run in this process
     broker = make_broker(rt.settings)
     actors = declare_actors(broker, rt)
     try:
-        planned = plan_job(rt.engine, actors, trigger=trigger, mode=mode, company_ids=companies,
-                           resources=resources, partitions=partitions)
-        assert planned is not None
-        out.print(str(planned.job_id))
-        err.print(f"planned {planned.total_tasks} task(s) for {planned.companies} company(ies): "
-                  f"{', '.join(f'{k}×{v}' for k, v in sorted(planned.partitions_by_resource.items()))}")
+        with rt.engine.begin() as conn:
+            submitted = create_job(conn, trigger=trigger, mode=mode, company_ids=companies, resources=resources,
+                                   partitions=partitions)
+        assert submitted is not None  # no tick key: never a duplicate
+        actors.coordinate(submitted.job_id, priority=submitted.priority)
+        out.print(str(submitted.job_id))
+        err.print(f"submitted job {submitted.job_id}: the coordinator plans its tasks")
         if rt.settings.broker_url and not wait:
             return None
-        return watch_job(rt, broker, planned.job_id, total_hint=planned.total_tasks)
+        return watch_job(rt, broker, submitted.job_id, total_hint=0)
     finally:
         broker.close()
 
@@ -305,7 +368,7 @@ def sync(
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
     """Start a sync now; prints the job id. Without a broker it runs in-process and waits."""
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         final = run_sync(rt, companies=company, resources=resource, partitions=partition, mode=mode, wait=wait)
     if final is not None and final.status != "completed":
         raise typer.Exit(1)
@@ -321,6 +384,7 @@ def worker(
     if not s.broker_url:
         raise fail("PIPELINE_BROKER_URL is not set: workers need RabbitMQ (the embedded default runs "
                    "work inside `pipeline sync` / `pipeline demo`)")
+    preflight(s)
     threads = threads or s.worker_threads
     check_secrets_key(s)
     # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
@@ -357,7 +421,7 @@ def scheduler() -> None:
     from actors.tasks import declare_actors
     from pipeline.scheduler import build_scheduler
 
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         if not rt.settings.broker_url:
             raise fail("PIPELINE_BROKER_URL is not set: the scheduler hands work to RabbitMQ workers")
@@ -379,7 +443,7 @@ def sweep_once() -> None:
     from actors.tasks import declare_actors
     from pipeline.sweeper import sweep
 
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         try:
             report = sweep(rt.engine, declare_actors(broker, rt), pending_grace_s=rt.settings.pending_grace_s)
@@ -479,7 +543,7 @@ def jobs_retry(
     from pipeline.control import retry_job
 
     jid = parse_job_id(job_id)
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         try:
             result = retry_job(rt.engine, declare_actors(broker, rt), job_id=jid, requested_by="cli")
@@ -504,6 +568,7 @@ def serve(
     from pipeline.api.serve import serve as run_server
 
     s = settings()
+    preflight(s)
     check_secrets_key(s)
     with errors_to_exit():
         run_server(s, host=host, port=port, workers=workers, access_log=access_log)

@@ -70,9 +70,12 @@ class Runtime:
         return SecretBox.from_settings(self.settings)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, environ: Mapping[str, str] | None = None) -> Runtime:
+    def from_settings(
+        cls, settings: Settings, *, environ: Mapping[str, str] | None = None, pre_ping: bool = True
+    ) -> Runtime:
         """Open the connections ``settings`` name; ``environ`` (default: this process's, read at
-        this edge only) is where connector secrets named by variable are found."""
+        this edge only) is where connector secrets named by variable are found; ``pre_ping=False``
+        for workers (see ``pipeline.db.make_engine``)."""
         from storage.factory import open_store
 
         store = open_store(
@@ -83,8 +86,8 @@ class Runtime:
             secure=settings.s3_secure,
             region=settings.s3_region,
         )
-        return cls(settings=settings, engine=make_engine(settings.database_url), store=store,
-                   environ=os.environ if environ is None else environ)
+        engine = make_engine(settings.database_url, **({} if pre_ping else {"pool_pre_ping": False}))
+        return cls(settings=settings, engine=engine, store=store, environ=os.environ if environ is None else environ)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -184,6 +184,9 @@ class SyncRequest(BaseModel):
 
 
 class SyncAccepted(BaseModel):
+    """The submitted job: ``planning`` until the coordinator has inserted its tasks (``total_tasks``
+    is 0 until then; watch ``status_url`` or ``events_url``). ``resource_types`` are those asked for."""
+
     job_id: uuid.UUID
     status: str
     total_tasks: int
@@ -197,12 +200,13 @@ class SyncAccepted(BaseModel):
     status_code=202,
     response_model=SyncAccepted,
     responses={429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"}},
-    summary="Start a sync: plans the job and queues its tasks, answers before any task runs",
+    summary="Start a sync: records the job and hands its planning to the coordinator, answers before any task "
+            "exists (status planning; total_tasks and the tasks appear once it is planned)",
 )
 def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
     settings = state.runtime.settings
     try:
-        planned = submit_job(
+        submitted = submit_job(
             state.runtime.engine,
             control.dispatcher(),
             trigger="api",
@@ -219,12 +223,12 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
         return error_response(422, "unknown_company", str(exc))
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
-    job = str(planned.job_id)
+    job = str(submitted.job_id)
     return SyncAccepted(
-        job_id=planned.job_id,
-        status="pending" if planned.total_tasks else "completed",
-        total_tasks=planned.total_tasks,
-        resource_types=planned.resources,
+        job_id=submitted.job_id,
+        status="planning",
+        total_tasks=0,
+        resource_types=submitted.resources,
         status_url=f"/sync/jobs/{job}",
         events_url=f"/sync/jobs/{job}/events",
     )
