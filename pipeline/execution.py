@@ -24,6 +24,7 @@ from connectors.transforms import get_transform, sort_key
 from pipeline import metrics
 from pipeline.assembly import SortedRuns, read_ndjson, render_document, write_ndjson
 from pipeline.datasets import current_version, publish, records_key, remove_staging, stage_chunk, staged_part
+from pipeline.error_codes import error_code
 from pipeline.errors import (
     ChecksumMismatch,
     ConfigError,
@@ -138,7 +139,7 @@ def run_task(
         logger.warning("task %s attempt %s failed (%s): %s", task_id, claim.attempts,
                        "final" if final else "will retry", message)
         try:
-            record_attempt_failure(rt.engine, claim, message, final=final)
+            record_attempt_failure(rt.engine, claim, message, final=final, code=error_code(exc))
         except TaskCancelled:
             return Outcome.CANCELLED
         except LeaseLost:

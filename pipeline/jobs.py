@@ -175,21 +175,24 @@ def hand_off(engine: Engine, claim: Claim, *, note: str) -> None:
         log(conn, claim.job_id, claim.task_id, "info", note)
 
 
-def record_attempt_failure(engine: Engine, claim: Claim, error: str, *, final: bool) -> bool:
+def record_attempt_failure(
+    engine: Engine, claim: Claim, error: str, *, final: bool, code: str = "internal"
+) -> bool:
     """Log a failed attempt; release the task for a retry, or fail it for good.
 
+    ``code`` is the kind of failure (``pipeline.error_codes``), stored beside the message.
     Returns whether this call finished the job (it was the last open task).
     """
     now = utcnow()
     with engine.begin() as conn:
         log(conn, claim.job_id, claim.task_id, "error", f"attempt {claim.attempts} failed: {error}",
-            {"attempt": claim.attempts, "final": final})
+            {"attempt": claim.attempts, "final": final, "code": code})
         if not final:
             _fenced(conn, claim, status="pending", lease_until=None, lease_token=None,
-                    error_message=error, updated_at=now)
+                    error_message=error, error_code=code, updated_at=now)
             return False
         _fenced(conn, claim, status="failed", lease_until=None, lease_token=None,
-                error_message=error, updated_at=now, completed_at=now)
+                error_message=error, error_code=code, updated_at=now, completed_at=now)
         return bump_job(conn, claim.job_id, failed=1, now=now)
 
 
@@ -200,7 +203,7 @@ def complete_task(conn: Connection, claim: Claim, *, record_count: int, chunks: 
     """
     now = utcnow()
     _fenced(conn, claim, status="completed", lease_until=None, lease_token=None, record_count=record_count,
-            chunks=chunks, error_message=None, updated_at=now, completed_at=now)
+            chunks=chunks, error_message=None, error_code=None, updated_at=now, completed_at=now)
     return bump_job(conn, claim.job_id, completed=1, records=record_count, now=now)
 
 
