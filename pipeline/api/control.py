@@ -22,11 +22,10 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from connectors.base import RateLimiter
 from pipeline.api.deps import ApiState, State, api_state
@@ -56,6 +55,7 @@ from pipeline.runtime import Runtime
 
 ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
 MAX_ID = 2**63 - 1
+JOB_DETAIL = TypeAdapter(JobDetail)
 JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]  # pipeline.models.STATUSES
 
 # --- per-app state -----------------------------------------------------------------------------
@@ -238,7 +238,8 @@ def immediate_or_queued(
                 company_ids=company_ids, resources=resources, partitions=partitions,
             )
             if result.finished:
-                return JSONResponse(jsonable_encoder(finished(result.planned.job_id)), status_code=200)
+                body = JOB_DETAIL.dump_json(finished(result.planned.job_id))  # as the response_model would
+                return Response(body, status_code=200, media_type="application/json")
             return accepted(result.planned, "processing")
         planned = submit_job(
             state.runtime.engine, control.dispatcher(), trigger="api", max_unfinished=settings.max_unfinished_jobs,
