@@ -113,8 +113,9 @@ async def _post_session(request: Request) -> tuple[Session | None, dict[str, lis
 
 
 def _render(request: Request, name: str, session: Session | None, status_code: int = 200, **context: Any) -> Response:
-    context.update(session=session, csrf=session.csrf if session else "", notice=request.query_params.get("notice"),
-                   problem=request.query_params.get("error"), page=name.removesuffix(".html"))
+    context.setdefault("notice", request.query_params.get("notice"))
+    context.setdefault("problem", request.query_params.get("error"))
+    context.update(session=session, csrf=session.csrf if session else "", page=name.removesuffix(".html"))
     response = templates.TemplateResponse(request, name, context, status_code=status_code)
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Frame-Options"] = "DENY"
