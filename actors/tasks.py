@@ -11,8 +11,8 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from actors.shutdown import graceful_stop
+from connectors.rest.ratelimit import make_rate_limiter
 from pipeline.execution import Outcome, RetryTask, run_task
-from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
 # Messages written to the socket at once when planning fans out (see _publish_batch).

@@ -1,7 +1,7 @@
 """End-to-end throughput benchmark: ``python -m bench throughput [--quick]``.
 
 2,000 small partitions (``--quick``: 200) — 250 synthetic companies × 8 schedule days of 50
-jobs each — through ``pipeline worker`` subprocesses on PostgreSQL + RabbitMQ + S3 (a moto
+jobs each — through ``pipeline worker`` subprocesses on PostgreSQL + RabbitMQ + S3 (a SeaweedFS
 server of its own, or ``PIPELINE_S3_ENDPOINT``), in tasks/s from planning to the job's
 ``completed_at``. Then the same sync again: the data is unchanged, so nothing is uploaded.
 
@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import psutil
 import psycopg
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from sqlalchemy import insert, select
@@ -178,7 +179,8 @@ def cpu_window(st: Stack, running: Fleet) -> CpuWindow:
     groups = {"workers": tree(running.process.pid),
               "postgres": matching("postgres", cmdline_contains=st.database_name)}
     if st.s3_pid is not None:
-        groups["s3 (moto)"] = tree(st.s3_pid)
+        # The S3 server by its process name ("weed" for SeaweedFS), not folded into the rest.
+        groups[f"s3 ({psutil.Process(st.s3_pid).name()})"] = tree(st.s3_pid)
     groups["rabbitmq"] = matching("beam.smp")
     return CpuWindow(groups).start()
 

@@ -107,7 +107,7 @@ def resource_spec(connector: Connector, name: str) -> ResourceSpec:
     Raises:
         ConnectorError: the connector does not offer ``name``.
     """
-    from pipeline.errors import ConnectorError
+    from errors import ConnectorError
 
     for spec in connector.resources():
         if spec.name == name:

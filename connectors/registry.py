@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.base import Connector, ConnectorFactory, RateLimiter, ResponseHook
-from pipeline.errors import ConfigError
+from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
 

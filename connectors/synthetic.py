@@ -23,7 +23,7 @@ from typing import Any
 from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
 from connectors.registry import register
 from connectors.transforms import POLICIES
-from pipeline.errors import ConfigError, ConnectorError, UpstreamError
+from errors import ConfigError, ConnectorError, UpstreamError
 
 _FIRST = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lia")
 _LAST = ("Park", "Nakamura", "Okafor", "Silva", "Novak", "Haddad", "Lindqvist", "Moreau")

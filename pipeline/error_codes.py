@@ -17,9 +17,13 @@ import httpx
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.errors import (
+    BadRecord,
     ChecksumMismatch,
     ConfigError,
     ConnectorError,
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    InvalidKey,
     ObjectMissing,
     StorageError,
     TaskCancelled,
@@ -64,10 +68,16 @@ def error_code(exc: BaseException) -> str:
         return "checksum_mismatch"
     if isinstance(exc, ObjectMissing):
         return "object_missing"
+    if isinstance(exc, InvalidKey):
+        return "config_invalid"
     if isinstance(exc, StorageError):
         return "storage_unavailable"
-    if isinstance(exc, OperationalError | InterfaceError):
+    if isinstance(exc, DatabaseUnavailable | OperationalError | InterfaceError):
         return "database_unavailable"
+    if isinstance(exc, DeadlineExceeded):
+        return "timeout"
+    if isinstance(exc, BadRecord):
+        return "upstream_malformed"
     if isinstance(exc, UpstreamError):
         if exc.status in AUTH_STATUSES:
             return "upstream_auth"

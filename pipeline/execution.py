@@ -25,17 +25,7 @@ from pipeline import metrics
 from pipeline.assembly import SortedRuns, read_ndjson, render_document, write_ndjson
 from pipeline.datasets import current_version, publish, records_key, remove_staging, stage_chunk, staged_part
 from pipeline.error_codes import error_code
-from pipeline.errors import (
-    ChecksumMismatch,
-    ConfigError,
-    ConnectorError,
-    LeaseLost,
-    ObjectMissing,
-    PipelineError,
-    StorageError,
-    TaskCancelled,
-    UpstreamError,
-)
+from pipeline.errors import FailureKind, LeaseLost, PipelineError, TaskCancelled, classify
 from pipeline.jobs import Claim, claim_task, hand_off, record_attempt_failure, save_progress
 from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
@@ -57,10 +47,8 @@ class RetryTask(PipelineError):
 
 
 def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, UpstreamError):
-        return exc.retryable
-    # A bad config or an unknown resource will not fix itself between attempts.
-    return not isinstance(exc, ConfigError | ConnectorError)
+    """Another attempt may succeed (the failure is not permanent)."""
+    return classify(exc) is not FailureKind.PERMANENT
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -69,9 +57,7 @@ def is_outage(exc: BaseException) -> bool:
     Such a failure costs the task no attempt, and the broker keeps retrying it (with capped
     backoff) for as long as the outage lasts. A missing or corrupt object is not an outage.
     """
-    if isinstance(exc, StorageError):
-        return not isinstance(exc, ObjectMissing | ChecksumMismatch)
-    return isinstance(exc, OperationalError | InterfaceError)
+    return classify(exc) is FailureKind.OUTAGE or isinstance(exc, OperationalError | InterfaceError)
 
 
 def describe(exc: BaseException) -> str:

@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from connectors.transforms import TRANSFORMS
-from pipeline.errors import ConfigError
+from errors import ConfigError
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
 

@@ -28,7 +28,7 @@ from connectors.rest.config import (
 from connectors.rest.http import HttpClient, body_excerpt
 from connectors.rest.paginators import MISSING, Page, Paginator, lookup, make_paginator
 from connectors.transforms import POLICIES
-from pipeline.errors import ConfigError, ConnectorError, UpstreamError
+from errors import ConfigError, ConnectorError, UpstreamError
 
 logger = logging.getLogger(__name__)
 

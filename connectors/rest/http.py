@@ -20,7 +20,7 @@ import httpx
 
 from connectors.base import RateLimiter
 from connectors.rest.config import ParamValue, RetryConfig
-from pipeline.errors import UpstreamError
+from errors import UpstreamError
 
 EXCERPT_CHARS = 200
 
