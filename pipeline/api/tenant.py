@@ -1,8 +1,8 @@
 """Self-service for tenants: a company's manager syncs and watches their own company's jobs.
 
 Authenticated like the read API (``Authorization: Bearer <JWT>``). The scope is always the
-token's company; managers and admins of that company may start syncs, technicians may not
-(403). ``GET /v1/jobs…`` shows the company's slice of each job (``pipeline.tenancy``): of a
+token's company; managers and admins of that company may start and watch syncs, technicians
+may do neither (403). ``GET /v1/jobs…`` shows the company's slice of each job (``pipeline.tenancy``): of a
 job spanning companies, only the caller's tasks and counts. Another company's job answers the
 very same 404 as a job that does not exist.
 
@@ -70,7 +70,12 @@ class TenantSyncAccepted(BaseModel):
 
 def require_sync_role(principal: Principal) -> None:
     if principal.role not in SYNC_ROLES:
-        raise HTTPException(403, f"a {principal.role} cannot start syncs; a manager or admin of the company can")
+        raise HTTPException(
+            403, f"a {principal.role} cannot start or watch syncs; a manager or admin of the company can"
+        )
+
+
+FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"model": ErrorBody, "description": "The caller is a technician"}}
 
 
 @router.post(
@@ -102,20 +107,24 @@ def tenant_sync(body: TenantSyncRequest, principal: CurrentPrincipal, state: Sta
     )
 
 
-@router.get("/v1/jobs", response_model=list[JobSummary], summary="The caller's company's recent jobs, newest first")
+@router.get(
+    "/v1/jobs", response_model=list[JobSummary], responses=FORBIDDEN,
+    summary="The caller's company's recent jobs, newest first",
+)
 def tenant_jobs(
     principal: CurrentPrincipal,
     state: State,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Any:
+    require_sync_role(principal)
     return company_jobs(state.runtime.engine, company_id=principal.company_id, status=status, limit=limit)
 
 
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=JobDetail,
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, **FORBIDDEN},
     summary="The caller's company's part of a job: status, progress with ETA, its tasks",
 )
 def tenant_job(
@@ -124,6 +133,7 @@ def tenant_job(
     state: State,
     task_limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
 ) -> Any:
+    require_sync_role(principal)
     return company_job_detail(state.runtime.engine, job_id=job_id, company_id=principal.company_id,
                               task_limit=task_limit)
 
@@ -134,10 +144,12 @@ def tenant_job(
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events of the caller's tasks"},
         **NOT_FOUND,
+        **FORBIDDEN,
     },
     summary="Live events of the caller's company's part of a job (Server-Sent Events)",
 )
 async def tenant_job_events(job_id: uuid.UUID, principal: CurrentPrincipal, state: State, control: Control) -> Response:
+    require_sync_role(principal)
     stream = company_event_stream(state.runtime.engine, control.feed(), job_id, company_id=principal.company_id)
     return await event_stream_response(stream)
 

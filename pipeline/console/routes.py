@@ -488,8 +488,10 @@ async def dataset_page(request: Request, company_id: int, resource: str, partiti
     session = _session(request)
     if session is None:
         return _to_login()
-    views = await _dataset_views(request, company_id, resource, partition, request.query_params.get("employee_id"))
-    if not _owns(session, company_id) or views is None:
+    owned = _owns(session, company_id)
+    views = owned and await _dataset_views(request, company_id, resource, partition,
+                                           request.query_params.get("employee_id"))
+    if not views:
         return _render(request, "missing.html", session, status_code=404, what="dataset")
     settings = api_state(request).runtime.settings
     return _render(request, "dataset.html", session, company_id=company_id, resource=resource, partition=partition,
@@ -501,8 +503,10 @@ async def dataset_preview(request: Request, company_id: int, resource: str, part
     session = _session(request)
     if session is None:
         return Response("log in first", status_code=401)
-    views = await _dataset_views(request, company_id, resource, partition, request.query_params.get("employee_id"))
-    if not _owns(session, company_id) or views is None:
+    owned = _owns(session, company_id)
+    views = owned and await _dataset_views(request, company_id, resource, partition,
+                                           request.query_params.get("employee_id"))
+    if not views:
         return Response("not found", status_code=404)
     return _render(request, "dataset_preview.html", session, **views)
 

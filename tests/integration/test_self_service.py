@@ -83,16 +83,22 @@ def test_a_managers_post_v1_sync_syncs_only_their_company_and_they_watch_it_on_v
     assert check_datasets(stack.engine, s3_service.client(), s3_bucket) == 2
 
 
-def test_a_technician_gets_403_from_post_v1_sync_and_no_job_is_planned(stack: Runtime, actors: Actors) -> None:
+def test_a_technician_gets_403_from_post_v1_sync_and_the_job_views_and_no_job_is_planned(
+    stack: Runtime, actors: Actors
+) -> None:
     company = add_synthetic(stack, "techs", days_ahead=1)
     rt = control_runtime(stack)
+    technician = bearer(rt, company, "technician", "1001")
     with tenant_client(rt, actors) as client:
-        answer = client.post("/v1/sync", json={}, headers=bearer(rt, company, "technician", "1001"))
+        answer = client.post("/v1/sync", json={}, headers=technician)
         anonymous = client.post("/v1/sync", json={})
+        job_id = client.post("/sync", json={"company_ids": [company]}, headers=ADMIN).json()["job_id"]
+        for path in ("/v1/jobs", f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
+            assert client.get(path, headers=technician).status_code == 403, path
     assert answer.status_code == 403, answer.text
     assert answer.json()["error"]["code"] == "forbidden" and "technician" in answer.json()["error"]["message"]
     assert anonymous.status_code == 401
-    assert count_jobs(stack) == 0
+    assert count_jobs(stack) == 1, "only the admin's job"
 
 
 def test_another_companys_job_answers_exactly_like_a_missing_one(stack: Runtime, actors: Actors) -> None:
@@ -228,3 +234,31 @@ def test_an_immediate_sync_out_of_time_answers_202_and_the_fleet_finishes_the_jo
         wait_job(stack, job_id, timeout=120)
     assert check_job_counters(stack.engine, uuid.UUID(job_id)) == {"completed": 1}
     assert check_datasets(stack.engine, s3_service.client(), s3_bucket) == 1
+
+
+def test_a_poisoned_partition_fails_with_code_upstream_malformed_in_the_job_view_and_its_events(
+    stack: Runtime, actors: Actors
+) -> None:
+    company = add_synthetic(stack, "poisoned", days_ahead=1, jobs_per_day=2, poison_partitions=["all"])
+    rt = control_runtime(stack)
+    manager = bearer(rt, company, "manager")
+    app = control_app(rt, actors)
+    with TestClient(app) as client:
+        job_id = client.post("/v1/sync", json={}, headers=manager).json()["job_id"]
+    events: list[tuple[str, dict[str, Any]]] = []
+    with live_server(app) as base, running_worker(actors.broker, threads=2):
+        with httpx.stream("GET", f"{base}/sync/jobs/{job_id}/events", headers=ADMIN, timeout=60) as response:
+            for event in read_events(response):
+                events.append(event)
+                if event[0] == "end":
+                    break
+    with tenant_client(rt, actors) as client:
+        job = client.get(f"/v1/jobs/{job_id}", headers=manager).json()
+    failed = [task for task in job["tasks"] if task["status"] == "failed"]
+    assert [task["partition"] for task in failed] == ["all"]
+    assert failed[0]["error"]["code"] == "upstream_malformed" and "record #0" in failed[0]["error"]["message"]
+    assert job["error"] == {"code": "tasks_failed", "message": "1 of 2 tasks failed"}
+    streamed = [data for name, data in events if name == "task" and data["status"] == "failed"]
+    snapshot_failed = [t for t in events[0][1]["tasks"] if t["status"] == "failed"]
+    assert [t["error"] for t in streamed or snapshot_failed] == [failed[0]["error"]]
+    assert events[-1][1]["error"] == job["error"]
