@@ -40,6 +40,9 @@ class FetchRequest:
     since: str | None = None
     attempt: int = 1
     deadline: float | None = None
+    # ``time.monotonic()`` value past which no wait or request of this fetch may run: the
+    # attempt's lease would expire (``deadline`` is the softer time budget).
+    lease_deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +84,13 @@ class Connector(Protocol):
 class RateLimiter(Protocol):
     """Spaces requests to one upstream across every worker process and host."""
 
-    def acquire(self, key: str, requests_per_second: float) -> None:
-        """Block until the caller may send one request to upstream ``key``."""
+    def acquire(self, key: str, requests_per_second: float, *, deadline: float | None = None) -> None:
+        """Block until the caller may send one request to upstream ``key``.
+
+        Raises:
+            DeadlineExceeded: the slot lies past ``deadline`` (a ``time.monotonic()`` value);
+                the caller does not wait for it.
+        """
         ...
 
 

@@ -135,6 +135,13 @@ class DeadlineExceeded(PipelineError):
     default_kind = FailureKind.RETRYABLE
 
 
+class VersionChanged(PipelineError):
+    """Another task published the partition after this attempt's lineage started: its data
+    may be older than what is current now, so it must not be published (the task starts over)."""
+
+    default_kind = FailureKind.RETRYABLE
+
+
 class AuthError(PipelineError):
     """A bearer token is missing, malformed, expired, badly signed or lacks a required claim."""
 

@@ -9,6 +9,7 @@ transaction — rolled back, so nothing is half-published.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections import Counter
@@ -22,6 +23,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline import metrics
+from pipeline.cleanup import id_in
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import NotFound, PipelineError
 from pipeline.jobs import log
@@ -29,6 +31,7 @@ from pipeline.models import FINISHED, JOB_LOG, JOBS, TASKS, Company, utcnow
 from pipeline.planning import PlannedJob, plan_job
 from pipeline.progress import JobProgress
 
+logger = logging.getLogger(__name__)
 UNFINISHED = ("pending", "processing")
 # pg_advisory_xact_lock key serialising "check the cap, then plan" across API processes.
 SUBMIT_LOCK_KEY = 0x5059_4E43_5355_424D  # "PYNCSUBM"
@@ -218,7 +221,8 @@ def check_job_cap(conn: Connection, *, company_ids: Sequence[int] | None, cap: i
             raise TooManyJobs(f"{for_everyone} unfinished job(s) already cover every company (limit {cap})")
         candidates = [c for c, n in per_company.items() if for_everyone + n >= cap]
         targets = set(conn.execute(
-            select(Company.id).where(Company.id.in_(candidates), Company.sync_enabled.is_(True))
+            select(Company.id).where(id_in(conn.engine, Company.__table__.c.id, candidates),
+                                     Company.sync_enabled.is_(True))
         ).scalars()) if candidates else set()
     over = sorted(c for c in targets if for_everyone + per_company[c] >= cap)
     if over:
@@ -267,8 +271,32 @@ def submit_job(
             planned = plan()
     assert planned is not None  # no tick key: never a duplicate
     if dispatcher is not None and planned.task_ids:
-        dispatcher.enqueue(planned.task_ids, priority=planned.priority)
+        send_committed(engine, dispatcher, planned.job_id, planned.task_ids, priority=planned.priority)
     return planned
+
+
+def send_committed(
+    engine: Engine, dispatcher: Dispatcher, job_id: uuid.UUID, task_ids: Sequence[int], *, priority: str
+) -> bool:
+    """Enqueue the messages of committed tasks; if the broker refuses, say so and carry on.
+
+    The job is committed: answering an error would make the client retry and create a duplicate
+    job (defect 14), while the sweeper delivers pending tasks whose messages never went out.
+    Returns whether the messages were sent.
+    """
+    try:
+        dispatcher.enqueue(task_ids, priority=priority)
+    except Exception as exc:  # whatever the broker raised, the committed job stands
+        logger.warning("job %s: could not enqueue %s task(s), the sweeper will: %s", job_id, len(task_ids), exc)
+        try:
+            with engine.begin() as conn:
+                log(conn, job_id, None, "warning",
+                    f"messages for {len(task_ids)} task(s) could not be sent ({type(exc).__name__}); "
+                    "the sweeper will send them", {"event": "enqueue_failed", "tasks": len(task_ids)})
+        except Exception:
+            logger.exception("job %s: could not log the failed enqueue", job_id)
+        return False
+    return True
 
 
 # --- cancel and retry ---------------------------------------------------------------------------
@@ -364,7 +392,7 @@ def retry_job(
              "cancelled": before["cancelled"]})
     task_ids.sort()
     if dispatcher is not None:
-        dispatcher.enqueue(task_ids, priority=job.priority)
+        send_committed(engine, dispatcher, job_id, task_ids, priority=job.priority)
     return RetryResult(job_id=job_id, status="processing", retried_tasks=len(task_ids), priority=job.priority)
 
 

@@ -28,6 +28,7 @@ from pipeline.errors import (
     StorageError,
     TaskCancelled,
     UpstreamError,
+    VersionChanged,
 )
 
 CODES: dict[str, str] = {
@@ -42,7 +43,9 @@ CODES: dict[str, str] = {
     "object_missing": "an object the pipeline needed is missing from the blob store",
     "database_unavailable": "the database could not be reached",
     "config_invalid": "the company's connector config is invalid (the message names the key)",
+    "superseded": "another sync published this partition while the task ran; the task starts over",
     "cancelled": "the job was cancelled",
+    "worker_lost": "the worker running the task's last allowed attempt stopped (killed or lost) before it finished",
     "tasks_failed": "some of the job's tasks failed; each failed task has its own error",
     "internal": "an unexpected error inside the pipeline (see the worker's log)",
 }
@@ -76,6 +79,8 @@ def error_code(exc: BaseException) -> str:
         return "database_unavailable"
     if isinstance(exc, DeadlineExceeded):
         return "timeout"
+    if isinstance(exc, VersionChanged):
+        return "superseded"
     if isinstance(exc, BadRecord):
         return "upstream_malformed"
     if isinstance(exc, UpstreamError):

@@ -20,6 +20,7 @@ from errors import (
     StorageError,
     TaskCancelled,
     UpstreamError,
+    VersionChanged,
     classify,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "StorageError",
     "TaskCancelled",
     "UpstreamError",
+    "VersionChanged",
     "classify",
 ]

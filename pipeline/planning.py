@@ -21,9 +21,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors import registry
 from connectors.base import Connector
+from pipeline.cleanup import id_in
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
+from pipeline.jobs import log
 from pipeline.models import JOBS, MODES, PRIORITIES, TASKS, TRIGGERS, Company, utcnow
+
+OPEN = ("pending", "processing")
+# How many skipped partitions or companies a job's log names one by one.
+LOG_NAMES = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +41,26 @@ class PlannedJob:
     priority: str
     companies: int = 0
     partitions_by_resource: dict[str, int] = field(default_factory=dict)
+    skipped_open: int = 0
+    skipped_companies: list[int] = field(default_factory=list)
+
+
+def _open_partitions(conn: Connection, company_ids: list[int]) -> set[tuple[int, str, str]]:
+    """(company, resource, partition) of every task still open, among ``company_ids``."""
+    if not company_ids:
+        return set()
+    rows = conn.execute(
+        select(TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key)
+        .where(TASKS.c.status.in_(OPEN), id_in(conn.engine, TASKS.c.company_id, company_ids))
+    ).all()
+    return {(row.company_id, row.resource, row.partition_key) for row in rows}
 
 
 def _scope_companies(conn: Connection, company_ids: Sequence[int] | None) -> list[Any]:
     query = select(Company.id, Company.external_id, Company.connector, Company.connector_config,
                    Company.sync_enabled).order_by(Company.id)
     if company_ids:
-        rows = conn.execute(query.where(Company.id.in_(list(company_ids)))).all()
+        rows = conn.execute(query.where(id_in(conn.engine, Company.__table__.c.id, company_ids))).all()
         missing = sorted(set(company_ids) - {row.id for row in rows})
         if missing:
             raise NotFound(f"unknown company id(s): {', '.join(map(str, missing))}")
@@ -73,9 +92,18 @@ def plan_job(
         priority: "high" or "normal"; defaults to high for people (api, cli), normal for the schedule.
         tick_key: unique per scheduler tick, so two schedulers plan one job per tick.
 
+    A scheduled job gives a partition that already has an open task (pending or processing,
+    in any job) no second one: two open tasks of one partition would both publish (defect 7).
+    The job's log says which were skipped. Where two open tasks of one partition still meet
+    (a person's sync overlapping a tick), publishing compare-and-swaps on the version the
+    lineage started from, so stale data never lands on top of newer data. When planning
+    every company, one whose stored config no longer validates is skipped and named in the
+    log instead of aborting the job for every tenant (defect 11).
+
     Raises:
         NotFound: an unknown company id.
-        ConfigError: an unknown resource or mode, or a disabled company asked for by id.
+        ConfigError: an unknown resource or mode, a disabled company asked for by id, or a
+            company asked for by id whose config does not validate.
     """
     if trigger not in TRIGGERS:
         raise ConfigError(f"trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
@@ -92,6 +120,11 @@ def plan_job(
 
     with engine.begin() as conn:
         companies = _scope_companies(conn, company_ids)
+        # A tick skips partitions still open from an earlier job; people's syncs are planned
+        # regardless (they asked now) and serialise at publish instead (compare-and-swap).
+        busy = _open_partitions(conn, [company.id for company in companies]) if trigger == "schedule" else set()
+        skipped: list[tuple[int, str, str]] = []
+        broken: list[tuple[int, str]] = []
         rows: list[tuple[int, str, str]] = []
         seen_resources: set[str] = set()
         per_resource: dict[str, int] = {}
@@ -104,13 +137,19 @@ def plan_job(
                 try:
                     connector = built[cache_key] = registry.build(company.connector, config)
                 except ConfigError as exc:
-                    raise ConfigError(f"company {company.id}: {exc}") from exc
+                    if company_ids:
+                        raise ConfigError(f"company {company.id}: {exc}") from exc
+                    broken.append((company.id, str(exc)))
+                    continue
             for spec in connector.resources():
                 seen_resources.add(spec.name)
                 if wanted_resources and spec.name not in wanted_resources:
                     continue
                 for partition in connector.partitions(spec.name, today):
                     if wanted_partitions and partition not in wanted_partitions:
+                        continue
+                    if (company.id, spec.name, partition) in busy:
+                        skipped.append((company.id, spec.name, partition))
                         continue
                     rows.append((company.id, spec.name, partition))
                     per_resource[spec.name] = per_resource.get(spec.name, 0) + 1
@@ -143,12 +182,26 @@ def plan_job(
                          .values(status="completed", started_at=now, completed_at=now))
         task_ids = list(conn.execute(select(TASKS.c.id).where(TASKS.c.job_id == job_id).order_by(TASKS.c.id))
                         .scalars())
+        if skipped:
+            names = ", ".join(f"{c}/{r}/{p}" for c, r, p in skipped[:LOG_NAMES])
+            more = f" and {len(skipped) - LOG_NAMES} more" if len(skipped) > LOG_NAMES else ""
+            log(conn, job_id, None, "warning",
+                f"skipped {len(skipped)} partition(s) that already have an open task in another job: {names}{more}",
+                {"event": "skipped_open_partitions", "count": len(skipped)})
+        for company_id, problem in broken[:LOG_NAMES]:
+            log(conn, job_id, None, "error",
+                f"company {company_id} skipped: its connector config is invalid: {problem}",
+                {"event": "skipped_company", "company_id": company_id})
+        if len(broken) > LOG_NAMES:
+            log(conn, job_id, None, "error", f"{len(broken) - LOG_NAMES} more companies skipped for invalid configs",
+                {"event": "skipped_company", "count": len(broken) - LOG_NAMES})
 
     if dispatcher is not None and task_ids:
         dispatcher.enqueue(task_ids, priority=priority)
     return PlannedJob(job_id=job_id, total_tasks=len(task_ids), task_ids=task_ids,
                       resources=sorted(per_resource), priority=priority, companies=len(companies),
-                      partitions_by_resource=per_resource)
+                      partitions_by_resource=per_resource, skipped_open=len(skipped),
+                      skipped_companies=[company_id for company_id, _ in broken])
 
 
 def _insert_tasks(conn: Connection, job_id: uuid.UUID, rows: list[tuple[int, str, str]], now: Any) -> None:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     task_time_budget_s: float = Field(default=120.0, gt=0, le=900)
     lease_s: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=50)
+    # How long an outage (blob storage unreachable) is retried without spending attempts
+    # before the task fails saying so. Default 6 hours.
+    outage_retry_s: float = Field(default=21_600.0, gt=0)
+    # Room after the fetch budget for the final merge and upload, which renew the lease.
+    publish_budget_s: float = Field(default=600.0, gt=0, le=1500)
     retry_min_backoff_ms: int = Field(default=1_000, ge=0)
     retry_max_backoff_ms: int = Field(default=60_000, ge=0, le=600_000)
     schedule_cron: str = "0 * * * *"
@@ -100,8 +105,9 @@ class Settings(BaseSettings):
 
     @property
     def message_time_limit_ms(self) -> int:
-        """Dramatiq's TimeLimit: above the budget, well below RabbitMQ's 30 min consumer_timeout."""
-        return int((self.lease_seconds + 60) * 1000)
+        """Dramatiq's TimeLimit: above the budget plus the final merge and upload, below RabbitMQ's
+        30 min consumer_timeout."""
+        return int((max(self.lease_seconds, self.task_time_budget_s + self.publish_budget_s) + 60) * 1000)
 
     @property
     def is_postgres(self) -> bool:

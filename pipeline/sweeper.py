@@ -1,9 +1,12 @@
 """The sweeper: re-sends tasks whose message was lost or whose worker died.
 
 RabbitMQ only wakes workers (invariant 1). A task ``processing`` with an expired lease had
-its worker killed; a task ``pending`` for longer than ``PENDING_GRACE_S`` while the queues are
-empty lost its message (a publish after the planning commit that never happened, a retry
-held in the memory of a worker that died). Both are re-sent; a duplicate costs one claim.
+its worker killed; a task ``pending`` for longer than ``PENDING_GRACE_S`` lost its message (a
+publish after the planning commit that never happened, a retry held in the memory of a worker
+that died) if the queues are empty — or, under a standing backlog, if work sent more than a
+grace period after it has already been taken from its queue (queues are first in, first out, so
+its own message would have been delivered before: defect 13). Both are re-sent; a duplicate
+costs one claim. Leases are compared with the database's clock (defect 12).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, Interval, and_, func, literal, or_, select, update
 
+from pipeline.cleanup import id_in
 from pipeline.dispatch import Dispatcher
-from pipeline.models import JOBS, TASKS, utcnow
+from pipeline.jobs import db_now
+from pipeline.models import JOBS, TASKS, UTCDateTime, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +35,38 @@ class SweepReport:
 
 def sweep(engine: Engine, dispatcher: Dispatcher, *, pending_grace_s: float, now: datetime | None = None,
           limit: int = 10_000) -> SweepReport:
-    """Re-send the tasks that nothing is working on. Safe to run from several schedulers."""
-    now = now or utcnow()
-    stale = now - timedelta(seconds=pending_grace_s)
+    """Re-send the tasks that nothing is working on. Safe to run from several schedulers.
+
+    ``now`` overrides the database clock (tests).
+    """
+    grace = timedelta(seconds=pending_grace_s)
+    postgres = engine.dialect.name == "postgresql"
+    clock: Any
+    if postgres and now is None:
+        clock = db_now(engine)
+        stale: Any = clock - literal(grace, Interval())
+    else:
+        moment = now or utcnow()
+        clock, stale = literal(moment, UTCDateTime()), literal(moment - grace, UTCDateTime())
     backlog = dispatcher.backlog()
     # Expired leases are re-sent at once, then (if still unclaimed) once per grace period.
     expired = and_(
         TASKS.c.status == "processing",
-        TASKS.c.lease_until < now,
+        TASKS.c.lease_until < clock,
         or_(TASKS.c.updated_at <= TASKS.c.lease_until, TASKS.c.updated_at < stale),
     )
     # Re-sending pending tasks while the queues still hold messages would only pile up duplicates.
     lost = and_(TASKS.c.status == "pending", TASKS.c.updated_at < stale)
-    condition = or_(expired, lost) if not backlog else expired
+    if backlog and postgres:
+        # Work of the same queue sent a grace period after this task was, already started.
+        later = JOBS.alias("later")
+        overtaken = (
+            select(func.max(later.c.created_at) - literal(grace, Interval()))
+            .where(later.c.priority == JOBS.c.priority, later.c.started_at.is_not(None))
+            .scalar_subquery()
+        )
+        lost = and_(lost, TASKS.c.updated_at < overtaken)
+    condition = or_(expired, lost) if postgres or not backlog else expired
     active_jobs = select(JOBS.c.id).where(JOBS.c.status.in_(("pending", "processing")))
     with engine.begin() as conn:
         rows = conn.execute(
@@ -54,7 +79,7 @@ def sweep(engine: Engine, dispatcher: Dispatcher, *, pending_grace_s: float, now
         if not rows:
             return SweepReport(0, 0)
         # Touch them so that the next sweep leaves them alone for another grace period.
-        conn.execute(update(TASKS).where(TASKS.c.id.in_([row.id for row in rows])).values(updated_at=now))
+        conn.execute(update(TASKS).where(id_in(engine, TASKS.c.id, [row.id for row in rows])).values(updated_at=clock))
     by_priority: dict[str, list[int]] = defaultdict(list)
     for row in rows:
         by_priority[row.priority].append(row.id)

@@ -41,12 +41,13 @@ PLACEHOLDERS = frozenset({"partition", "external_id"})
 
 _ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
-_RESOURCE = r"^[A-Za-z0-9_.-]+$"
+# Not starting with '.': '.', '..' and '.x' would be reserved blob key segments (defect 4).
+_RESOURCE = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 _DOTTED = r"^[^.]+(\.[^.]+)*$"
 _PATTERN_MEANING = {
     _ENV_VAR: "must be the NAME of an environment variable (letters, digits, '_')",
     _HEADER: "must be an HTTP header name",
-    _RESOURCE: "a resource name may contain only letters, digits, '_', '.' and '-'",
+    _RESOURCE: "a resource name may contain only letters, digits, '_', '.' and '-', and must not start with '.'",
     _DOTTED: "must be a dotted path such as 'data' or 'result.items'",
 }
 

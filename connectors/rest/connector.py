@@ -202,7 +202,8 @@ class RestConnector:
                 ) from exc
             started = time.monotonic()
             try:
-                response = self._http.get(page_url, params=page_params, deadline=request.deadline)
+                response = self._http.get(page_url, params=page_params, deadline=request.deadline,
+                                          hard_deadline=request.lease_deadline)
             except UpstreamError as exc:
                 if exc.retryable and page_number:
                     logger.warning(

@@ -12,7 +12,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -65,6 +65,42 @@ def _retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+class _TotalTimeStream(httpx.SyncByteStream):
+    """A response body that stops once the request's total time is up (httpx's timeouts are
+    per I/O operation, so a slow-drip body could otherwise run past the deadline: defect 8)."""
+
+    def __init__(self, stream: httpx.SyncByteStream, deadline: float, request: httpx.Request) -> None:
+        self._stream = stream
+        self._deadline = deadline
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout("the response took longer than the request's total time", request=self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _TotalTimeTransport(httpx.BaseTransport):
+    """Bounds the whole exchange by ``request.extensions["total_deadline"]`` (a monotonic time)."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        deadline = request.extensions.get("total_deadline")
+        if deadline is not None and isinstance(response.stream, httpx.SyncByteStream):
+            response.stream = _TotalTimeStream(response.stream, deadline, request)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class HttpClient:
     """GET requests to one upstream with retries, backoff and a rate limit.
 
@@ -97,12 +133,13 @@ class HttpClient:
         self.limiter = limiter
         self.requests_per_second = requests_per_second
         self.on_response = on_response
+        self.timeout_s = timeout_s
         self.requests_sent = 0
         self._random = random.Random()
         # Redirects are not followed: a cross-origin redirect would carry custom auth headers along.
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
-            verify=_tls_context(),
+            transport=_TotalTimeTransport(httpx.HTTPTransport(verify=_tls_context())),
             auth=auth,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
@@ -114,12 +151,15 @@ class HttpClient:
         return self._random.uniform(0, ceiling)
 
     def get(
-        self, url: str, *, params: Mapping[str, ParamValue] | None = None, deadline: float | None = None
+        self, url: str, *, params: Mapping[str, ParamValue] | None = None, deadline: float | None = None,
+        hard_deadline: float | None = None,
     ) -> httpx.Response:
         """GET ``url``, retrying connection errors, timeouts, 429 and 5xx.
 
         Parameters:
             deadline: a ``time.monotonic()`` value no retry wait may run past.
+            hard_deadline: a ``time.monotonic()`` value no rate-limit wait and no request may
+                run past (the lease); each request also gets at most ``timeout_s`` in total.
 
         Returns:
             A 2xx response.
@@ -135,13 +175,18 @@ class HttpClient:
         while True:
             attempts += 1
             if self.limiter is not None and self.requests_per_second:
-                self.limiter.acquire(self.base_url, self.requests_per_second)
+                self.limiter.acquire(self.base_url, self.requests_per_second, deadline=hard_deadline)
             self.requests_sent += 1
             status: int | None = None
             retry_after: float | None = None
+            # Each request gets timeout_s in total (not per I/O), and never runs past the lease.
+            total = self.timeout_s
+            if hard_deadline is not None:
+                total = max(0.1, min(total, hard_deadline - time.monotonic()))
             try:
                 # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
-                response = self._client.get(url, params=dict(params) if params else None)
+                response = self._client.get(url, params=dict(params) if params else None, timeout=total,
+                                            extensions={"total_deadline": time.monotonic() + total})
             except httpx.TransportError as exc:
                 failure: Exception | None = exc
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -21,6 +21,7 @@ from datetime import timedelta
 from sqlalchemy import Engine, text
 
 from connectors.base import RateLimiter
+from errors import DeadlineExceeded
 
 DEFAULT_MARGIN = 0.25
 
@@ -68,11 +69,9 @@ class PostgresRateLimiter:
             wait = connection.execute(_TAKE_SLOT, {"key": key, "interval": interval}).scalar_one()
         return max(0.0, float(wait))
 
-    def acquire(self, key: str, requests_per_second: float) -> None:
-        """Block until the caller may send one request to upstream ``key``."""
-        wait = self.reserve(key, requests_per_second)
-        if wait > 0:
-            time.sleep(wait)
+    def acquire(self, key: str, requests_per_second: float, *, deadline: float | None = None) -> None:
+        """Block until the caller may send one request to upstream ``key``, never past ``deadline``."""
+        _wait(self.reserve(key, requests_per_second), key, deadline)
 
 
 class LocalRateLimiter:
@@ -92,11 +91,18 @@ class LocalRateLimiter:
             self._next_slot[key] = slot + interval
         return slot - now
 
-    def acquire(self, key: str, requests_per_second: float) -> None:
-        """Block until the caller may send one request to upstream ``key``."""
-        wait = self.reserve(key, requests_per_second)
-        if wait > 0:
-            time.sleep(wait)
+    def acquire(self, key: str, requests_per_second: float, *, deadline: float | None = None) -> None:
+        """Block until the caller may send one request to upstream ``key``, never past ``deadline``."""
+        _wait(self.reserve(key, requests_per_second), key, deadline)
+
+
+def _wait(wait: float, key: str, deadline: float | None) -> None:
+    """Sleep until the slot ``wait`` seconds away, unless it lies past ``deadline`` (defect 8:
+    a rate-limit wait used to run past the attempt's deadline and its lease)."""
+    if deadline is not None and time.monotonic() + wait > deadline:
+        raise DeadlineExceeded(f"rate limit of {key}: the next slot is {wait:.1f}s away, past the attempt's deadline")
+    if wait > 0:
+        time.sleep(wait)
 
 
 def make_rate_limiter(engine: Engine, *, margin: float = DEFAULT_MARGIN) -> RateLimiter:

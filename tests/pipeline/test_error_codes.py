@@ -18,6 +18,7 @@ from pipeline.errors import (
     StorageError,
     TaskCancelled,
     UpstreamError,
+    VersionChanged,
 )
 
 
@@ -51,6 +52,7 @@ def chained(outer: Exception, cause: BaseException) -> Exception:
         (ConfigError("synthetic config: unknown key 'x'"), "config_invalid"),
         (ConnectorError("connector 'rest' has no resource 'x'"), "config_invalid"),
         (TaskCancelled("task 1 was cancelled"), "cancelled"),
+        (VersionChanged("partition published meanwhile"), "superseded"),
         (KeyError("surprise"), "internal"),
     ],
 )
