@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from connectors.base import Connector, ConnectorFactory, RateLimiter, ResponseHook
+from connectors.base import (
+    ChecksAdmission,
+    Connector,
+    ConnectorContext,
+    ConnectorFactory,
+    RateLimiter,
+    ResponseHook,
+    SecretPath,
+)
 from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
@@ -22,7 +30,7 @@ def names() -> list[str]:
 
 def build(
     name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
-    on_response: ResponseHook | None = None,
+    on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
 ) -> Connector:
     """Build the connector ``name`` from a company's config.
 
@@ -36,12 +44,30 @@ def build(
         raise ConfigError(f"unknown connector {name!r} (known: {', '.join(names())})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
-    return factory(config, limiter=limiter, on_response=on_response)
+    return factory(config, limiter=limiter, on_response=on_response, context=context)
 
 
-def validate(name: str, config: Mapping[str, Any]) -> None:
-    """Raise ``ConfigError`` unless ``config`` is valid for connector ``name``."""
-    build(name, config).close()
+def validate(name: str, config: Mapping[str, Any], *, context: ConnectorContext | None = None) -> list[SecretPath]:
+    """Check ``config`` for connector ``name`` as it is about to be stored.
+
+    Parameters:
+        context: what the operator allows (default: the strictest, see ``ConnectorContext``).
+
+    Returns:
+        Where the config holds secrets, to be encrypted before it is stored.
+
+    Raises:
+        ConfigError: naming the key that is invalid or reaches what ``context`` does not allow.
+    """
+    context = context or ConnectorContext()
+    connector = build(name, config, context=context)
+    try:
+        if isinstance(connector, ChecksAdmission):
+            connector.check_admission(context)
+            return list(connector.secret_paths())
+        return []
+    finally:
+        connector.close()
 
 
 def _load_builtin() -> None:

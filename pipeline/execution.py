@@ -46,6 +46,7 @@ from pipeline.errors import (
 from pipeline.jobs import Claim, claim_task, clean_text
 from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
+from pipeline.secrets import unseal
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +131,18 @@ def run_task(
     try:
         claim = claim_task(rt.engine, task_id, lease_s=settings.lease_seconds, max_attempts=settings.max_attempts)
     except SQLAlchemyError as exc:
-        raise RetryTask(str(database_failure(rt, exc)), kind=FailureKind.OUTAGE) from exc
+        # Nothing is claimed, so nothing can be recorded: the broker retries (an outage for as
+        # long as PIPELINE_OUTAGE_RETRY_S), then the sweeper re-sends the task.
+        failure = database_failure(rt, exc)
+        raise RetryTask(str(failure), kind=failure.kind) from exc
     if claim is None:
         return Outcome.SKIPPED
     started = time.monotonic()
     attempt = Attempt.start(rt, claim, should_stop=should_stop)
     try:
-        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
-                                   on_response=metrics.upstream_counter(claim.connector))
+        connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
+                                   on_response=metrics.upstream_counter(claim.connector),
+                                   context=rt.connector_context)
         try:
             outcome = _run(attempt, connector)
             metrics.task_run(claim.resource, outcome.value, started)

@@ -1,10 +1,11 @@
 """Immediate mode: a small sync run in the request that asked for it, answered with its result.
 
-The job is planned exactly as a queued one (``pipeline.control.submit_job``, under the same
-cap) and its tasks run through the same ``pipeline.execution.run_task`` a worker calls: the
-same claim, lease fencing, staging and publish transaction, so every invariant of the queued
-path holds. Only who calls ``run_task`` differs: the request's thread instead of a Dramatiq
-worker. A retryable failure is retried here after the configured backoff.
+The job is submitted exactly as a queued one (``pipeline.control.submit_job``, under the same
+cap), planned by the coordinator's own ``pipeline.planning.coordinate_job``, and its tasks run
+through the same ``pipeline.execution.run_task`` a worker calls: the same claim, lease fencing,
+staging and publish transaction, so every invariant of the queued path holds. Only who calls
+them differs: the request's thread instead of the coordinator and a Dramatiq worker. A retryable
+failure is retried here after the configured backoff.
 
 The request works for at most ``PIPELINE_IMMEDIATE_TIMEOUT_S``. Whatever is unfinished by then
 (a task handed off at its chunk boundary, one waiting for a retry, one not started) is sent to
@@ -28,7 +29,7 @@ from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError
 from pipeline.execution import Outcome, RetryTask, run_task
 from pipeline.models import JOBS, TASKS
-from pipeline.planning import PlannedJob
+from pipeline.planning import PlannedJob, coordinate_job
 from pipeline.runtime import Runtime
 
 
@@ -38,9 +39,11 @@ class TooLargeForImmediate(ConfigError):
 
 @dataclass(frozen=True, slots=True)
 class ImmediateResult:
-    planned: PlannedJob
+    job_id: uuid.UUID
+    resources: list[str]
+    total_tasks: int
     finished: bool
-    """Whether every task ran to its end in the request (else the rest went to the fleet)."""
+    """Whether the job ran to its end in the request (else the rest went to the fleet)."""
 
 
 def submit_immediate(
@@ -62,10 +65,13 @@ def submit_immediate(
         TooManyJobs / NotFound / ConfigError: as ``pipeline.control.submit_job``.
     """
     settings = rt.settings
-    planned = submit_job(
+    submitted = submit_job(
         rt.engine, None, trigger=trigger, max_unfinished=settings.max_unfinished_jobs, mode=mode,
         company_ids=company_ids, resources=resources, partitions=partitions, priority="high",
     )
+    planned = coordinate_job(rt.engine, None, submitted.job_id)
+    if planned is None:  # planning failed the job (the scope no longer plans): answer it as it is
+        return ImmediateResult(submitted.job_id, submitted.resources, 0, finished=True)
     if planned.total_tasks > settings.immediate_max_tasks:
         _discard(rt, planned.job_id)
         raise TooLargeForImmediate(
@@ -73,7 +79,7 @@ def submit_immediate(
             f"({settings.immediate_max_tasks}); narrow it or leave 'immediate' out to queue the job"
         )
     finished = run_in_request(rt, dispatcher, planned, limiter=limiter, timeout_s=settings.immediate_timeout_s)
-    return ImmediateResult(planned=planned, finished=finished)
+    return ImmediateResult(planned.job_id, planned.resources, planned.total_tasks, finished=finished)
 
 
 def _discard(rt: Runtime, job_id: uuid.UUID) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, Engine, Interval, and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline.errors import LeaseLost, TaskCancelled
@@ -55,12 +55,14 @@ def clean_text(text: str, limit: int = MESSAGE_LIMIT) -> str:
     return text[:limit]
 
 
-def db_now(engine_or_conn: Engine | Connection) -> ColumnElement[Any]:
-    """The database's clock (``clock_timestamp()``) on PostgreSQL, so leases never depend on a
-    host's wall clock (defect 12); this process's clock on SQLite (one host by construction)."""
+def db_now(engine_or_conn: Engine | Connection, plus_s: float = 0.0) -> ColumnElement[Any]:
+    """The database's clock (``clock_timestamp()``), plus ``plus_s`` seconds, on PostgreSQL, so
+    leases never depend on a host's wall clock (defect 12); this process's clock on SQLite (one
+    host by construction)."""
     if engine_or_conn.dialect.name == "postgresql":
-        return func.clock_timestamp()
-    return literal(utcnow(), UTCDateTime())
+        now = func.clock_timestamp()
+        return now + literal(timedelta(seconds=plus_s), Interval()) if plus_s else now
+    return literal(utcnow() + timedelta(seconds=plus_s), UTCDateTime())
 
 
 def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: int | None = None) -> Claim | None:
@@ -85,7 +87,7 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: in
         .where(TASKS.c.id == task_id, claimable)
         .values(
             status="processing",
-            lease_until=now + timedelta(seconds=lease_s),
+            lease_until=db_now(engine, lease_s),
             lease_token=token,
             attempts=TASKS.c.attempts + 1,
             updated_at=now,
@@ -223,7 +225,7 @@ def save_progress(
     with engine.begin() as conn:
         now = db_now(conn)
         _fenced(conn, claim, fetch_state=fetch_state, chunks=chunks, updated_at=now,
-                lease_until=now + timedelta(seconds=lease_s))
+                lease_until=db_now(conn, lease_s))
 
 
 def renew_lease(engine: Engine, claim: Claim, *, lease_s: float) -> None:
@@ -233,8 +235,7 @@ def renew_lease(engine: Engine, claim: Claim, *, lease_s: float) -> None:
         TaskCancelled / LeaseLost: as ``save_progress``.
     """
     with engine.begin() as conn:
-        now = db_now(conn)
-        _fenced(conn, claim, lease_until=now + timedelta(seconds=lease_s))
+        _fenced(conn, claim, lease_until=db_now(conn, lease_s))
 
 
 def hand_off(engine: Engine, claim: Claim, *, note: str, fetch_state: dict[str, Any] | None = None) -> None:

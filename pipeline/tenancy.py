@@ -69,7 +69,9 @@ def slice_progress(job: Any, counts: Counter[str], records: int, last_completed:
     total = sum(counts.values())
     completed, failed, cancelled = counts["completed"], counts["failed"], counts["cancelled"]
     done = completed + failed + cancelled
-    if done == total:
+    if job.planned_at is None and job.status not in FINISHED:
+        status, completed_at = "planning", None  # the coordinator has not planned the tasks yet
+    elif done == total:
         if job.status == "cancelled" or (cancelled and not failed):
             status = "cancelled"
         else:

@@ -1,5 +1,8 @@
 """HTTP for the REST connector: timeouts, retries with backoff, ``Retry-After`` and a shared rate limit.
 
+Every connection goes through the SSRF guard (``connectors.net.GuardedTransport``) and every
+body is streamed under ``PIPELINE_UPSTREAM_MAX_RESPONSE_BYTES``.
+
 Retries are a short loop rather than a retry library: the wait honours ``Retry-After``, the stop
 depends on the caller's deadline and the decision depends on the response status, so every part
 of a generic retrier would have been replaced.
@@ -19,10 +22,14 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from connectors.base import RateLimiter
+from connectors.net import GuardedTransport, NetworkPolicy
 from connectors.rest.config import ParamValue, RetryConfig
 from errors import UpstreamError
 
 EXCERPT_CHARS = 200
+CAP_SETTING = "PIPELINE_UPSTREAM_MAX_RESPONSE_BYTES"
+# Headers describing the wire form of a body that is handed on already decoded.
+_WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -45,14 +52,25 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def body_excerpt(response: httpx.Response) -> str:
-    """At most ``EXCERPT_CHARS`` characters of the body, whitespace collapsed, for error messages."""
-    try:
-        text = response.text
-    except (UnicodeDecodeError, LookupError, httpx.HTTPError):
-        return "<unreadable body>"
+def printable_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """At most ``limit`` characters of ``text``, printable ones only, whitespace collapsed: what
+    may go from an upstream's answer into an error message (no control or bidi characters)."""
+    text = "".join(char if char.isprintable() else " " for char in text[: limit * 4])
     text = " ".join(text.split())
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def body_excerpt(response: httpx.Response) -> str:
+    """The start of the body as a ``printable_excerpt``, for error messages."""
+    try:
+        text = response.content[: EXCERPT_CHARS * 4].decode(response.encoding or "utf-8", errors="replace")
+    except (LookupError, httpx.HTTPError):
+        return "<unreadable body>"
+    return printable_excerpt(text)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB" if size >= 2**20 else f"{size} bytes"
 
 
 @functools.cache
@@ -113,6 +131,8 @@ class HttpClient:
         limiter: spaces requests across processes; used only with ``requests_per_second``.
         on_response: called with the status of every response received (retries included),
             e.g. to count requests per status in metrics.
+        network: where connections may go and the cap on each body (``connectors.net``);
+            default: public addresses only, 64 MiB.
 
     ``requests_sent`` counts every request sent, retries included.
     """
@@ -127,7 +147,10 @@ class HttpClient:
         limiter: RateLimiter | None = None,
         requests_per_second: float | None = None,
         on_response: Callable[[int], None] | None = None,
+        network: NetworkPolicy | None = None,
     ) -> None:
+        network = network or NetworkPolicy()
+        self.max_response_bytes = network.max_response_bytes
         self.base_url = base_url
         self.retry = retry
         self.limiter = limiter
@@ -139,7 +162,8 @@ class HttpClient:
         # Redirects are not followed: a cross-origin redirect would carry custom auth headers along.
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
-            transport=_TotalTimeTransport(httpx.HTTPTransport(verify=_tls_context())),
+            transport=_TotalTimeTransport(GuardedTransport(network, verify=_tls_context())),
+            trust_env=False,
             auth=auth,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
@@ -184,9 +208,7 @@ class HttpClient:
             if hard_deadline is not None:
                 total = max(0.1, min(total, hard_deadline - time.monotonic()))
             try:
-                # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
-                response = self._client.get(url, params=dict(params) if params else None, timeout=total,
-                                            extensions={"total_deadline": time.monotonic() + total})
+                response = self._send(url, params, total)
             except httpx.TransportError as exc:
                 failure: Exception | None = exc
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -224,12 +246,45 @@ class HttpClient:
             time.sleep(delay)
             waited += delay
 
+    def _send(self, url: str, params: Mapping[str, ParamValue] | None, total: float) -> httpx.Response:
+        """One GET taking at most ``total`` seconds, its body read under the cap; the response
+        returned holds the decoded body."""
+        # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
+        request = self._client.build_request("GET", url, params=dict(params) if params else None, timeout=total,
+                                             extensions={"total_deadline": time.monotonic() + total})
+        cap = self.max_response_bytes
+        response = self._client.send(request, stream=True)
+        try:
+            declared = response.headers.get("Content-Length", "")
+            too_big = declared.isdigit() and int(declared) > cap
+            parts: list[bytes] = []
+            size = 0
+            if not too_big:
+                for part in response.iter_bytes():
+                    size += len(part)
+                    if size > cap:
+                        too_big = True
+                        break
+                    parts.append(part)
+        finally:
+            response.close()
+        if too_big:
+            parts.clear()
+            raise UpstreamError(
+                f"GET {request.url.path}: HTTP {response.status_code}: the response body is larger than "
+                f"{CAP_SETTING} ({cap} bytes = {_mib(cap)}); fetch smaller pages (the paginator's limit)",
+                retryable=False, status=response.status_code,
+            )
+        headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _WIRE_HEADERS]
+        return httpx.Response(response.status_code, headers=headers, content=b"".join(parts), request=request)
+
     @staticmethod
     def _describe(response: httpx.Response) -> str:
         path = response.request.url.path
         if 300 <= response.status_code < 400:
             location = response.headers.get("Location", "?")
-            return f"GET {path}: HTTP {response.status_code} redirect to {location} (redirects are not followed)"
+            return (f"GET {path}: HTTP {response.status_code} redirect to {printable_excerpt(location)} "
+                    "(redirects are not followed)")
         return f"GET {path}: HTTP {response.status_code}: {body_excerpt(response)}"
 
     def close(self) -> None:

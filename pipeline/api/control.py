@@ -49,7 +49,6 @@ from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
 from pipeline.immediate import submit_immediate
-from pipeline.planning import PlannedJob
 from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
@@ -202,6 +201,9 @@ class SyncRequest(BaseModel):
 
 
 class SyncAccepted(BaseModel):
+    """The submitted job: ``planning`` until the coordinator has inserted its tasks (``total_tasks``
+    is 0 until then; watch ``status_url`` or ``events_url``). ``resource_types`` are those asked for."""
+
     job_id: uuid.UUID
     status: str
     total_tasks: int
@@ -219,15 +221,16 @@ def immediate_or_queued(
     resources: list[str] | None,
     partitions: list[str] | None,
     mode: str,
-    accepted: Callable[[PlannedJob, str], Any],
+    accepted: Callable[[uuid.UUID, list[str], str, int], Any],
     finished: Callable[[uuid.UUID], Any],
     priority: str | None = None,
 ) -> Any:
     """Start a sync the way ``POST /sync`` and ``POST /v1/sync`` both do.
 
-    Queued: 202 with ``accepted(planned, status)``. Immediate: the tasks run in this request
-    (``pipeline.immediate``); 200 with ``finished(job_id)`` when they all ended in time, else
-    202 as queued (the rest finishes on the fleet). Errors answer 422 (naming the field or
+    Queued: 202 with ``accepted(job_id, resources, status, total_tasks)`` (status "planning":
+    the coordinator plans the tasks). Immediate: the job is planned and its tasks run in this
+    request (``pipeline.immediate``); 200 with ``finished(job_id)`` when they all ended in time,
+    else 202 (the rest finishes on the fleet). Errors answer 422 (naming the field or
     ``immediate``) or 429 (the unfinished-jobs cap).
     """
     settings = state.runtime.settings
@@ -238,10 +241,10 @@ def immediate_or_queued(
                 company_ids=company_ids, resources=resources, partitions=partitions,
             )
             if result.finished:
-                body = JOB_DETAIL.dump_json(finished(result.planned.job_id))  # as the response_model would
+                body = JOB_DETAIL.dump_json(finished(result.job_id))  # as the response_model would
                 return Response(body, status_code=200, media_type="application/json")
-            return accepted(result.planned, "processing")
-        planned = submit_job(
+            return accepted(result.job_id, result.resources, "processing", result.total_tasks)
+        submitted = submit_job(
             state.runtime.engine, control.dispatcher(), trigger="api", max_unfinished=settings.max_unfinished_jobs,
             mode=mode, company_ids=company_ids, resources=resources, partitions=partitions, priority=priority,
         )
@@ -251,7 +254,7 @@ def immediate_or_queued(
         return error_response(422, "unknown_company", str(exc))
     except ConfigError as exc:  # TooLargeForImmediate included: its message names `immediate`
         return error_response(422, "invalid_request", str(exc))
-    return accepted(planned, "pending" if planned.total_tasks else "completed")
+    return accepted(submitted.job_id, submitted.resources, "planning", 0)
 
 
 @router.post(
@@ -262,14 +265,14 @@ def immediate_or_queued(
         200: {"model": JobDetail, "description": "`immediate`: the finished job"},
         429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
     },
-    summary="Start a sync: plans the job and queues its tasks, answers before any task runs",
+    summary="Start a sync: records the job and hands its planning to the coordinator, answers before any task "
+            "exists (status planning; total_tasks and the tasks appear once it is planned); `immediate` runs it",
 )
 def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
-    def accepted(planned: PlannedJob, status: str) -> SyncAccepted:
-        job = str(planned.job_id)
+    def accepted(job_id: uuid.UUID, resources: list[str], status: str, total_tasks: int) -> SyncAccepted:
         return SyncAccepted(
-            job_id=planned.job_id, status=status, total_tasks=planned.total_tasks,
-            resource_types=planned.resources, status_url=f"/sync/jobs/{job}", events_url=f"/sync/jobs/{job}/events",
+            job_id=job_id, status=status, total_tasks=total_tasks, resource_types=resources,
+            status_url=f"/sync/jobs/{job_id}", events_url=f"/sync/jobs/{job_id}/events",
         )
 
     return immediate_or_queued(

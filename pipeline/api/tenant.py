@@ -32,7 +32,6 @@ from pipeline.api.deps import CurrentPrincipal, State
 from pipeline.api.errors import ErrorBody
 from pipeline.auth import Principal
 from pipeline.control import JobDetail, JobSummary
-from pipeline.planning import PlannedJob
 from pipeline.tenancy import company_event_stream, company_job_detail, company_jobs
 
 SYNC_ROLES = ("admin", "manager")
@@ -93,9 +92,8 @@ FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"model": ErrorBody, "descrip
 def tenant_sync(body: TenantSyncRequest, principal: CurrentPrincipal, state: State, control: Control) -> Any:
     require_sync_role(principal)
 
-    def accepted(planned: PlannedJob, status: str) -> TenantSyncAccepted:
-        job_id = planned.job_id
-        return TenantSyncAccepted(job_id=job_id, status=status, total_tasks=planned.total_tasks,
+    def accepted(job_id: uuid.UUID, _resources: list[str], status: str, total_tasks: int) -> TenantSyncAccepted:
+        return TenantSyncAccepted(job_id=job_id, status=status, total_tasks=total_tasks,
                                   status_url=f"/v1/jobs/{job_id}", events_url=f"/v1/jobs/{job_id}/events")
 
     def finished(job_id: uuid.UUID) -> JobDetail:

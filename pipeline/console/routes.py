@@ -365,11 +365,11 @@ async def sync_now(request: Request, company_id: int, state: State, control: Con
 
     def run() -> Response:
         try:
-            planned = submit_job(state.runtime.engine, control.dispatcher(), trigger="api",
+            submitted = submit_job(state.runtime.engine, control.dispatcher(), trigger="api",
                                  max_unfinished=settings.max_unfinished_jobs, company_ids=[company_id])
         except (TooManyJobs, ConfigError, NotFound) as exc:
             return _redirect("/console/companies", error=str(exc))
-        return _redirect(f"/console/jobs/{planned.job_id}", notice=f"sync started: {planned.total_tasks} task(s)")
+        return _redirect(f"/console/jobs/{submitted.job_id}", notice="sync started")
 
     return await run_in_threadpool(run)
 

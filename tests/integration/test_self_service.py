@@ -18,6 +18,7 @@ from actors.inprocess import running_worker
 from actors.tasks import Actors
 from pipeline.auth import issue_token
 from pipeline.models import DATASETS, JOBS, TASKS
+from pipeline.planning import coordinate_job
 from pipeline.runtime import Runtime
 from tests.integration.control_helpers import (
     ADMIN,
@@ -67,7 +68,7 @@ def test_a_managers_post_v1_sync_syncs_only_their_company_and_they_watch_it_on_v
         body = answer.json()
         job_id = body["job_id"]
         assert body["status_url"] == f"/v1/jobs/{job_id}" and body["events_url"] == f"/v1/jobs/{job_id}/events"
-        assert body["total_tasks"] == 2  # schedule: one partition per day ahead
+        assert body["status"] == "planning"  # the coordinator plans it
         wait_job(stack, job_id)
         job = client.get(body["status_url"], headers=manager).json()
         listed = client.get("/v1/jobs", headers=manager).json()
@@ -129,6 +130,8 @@ def test_of_a_job_spanning_companies_a_manager_sees_only_their_tasks_counts_and_
     app = control_app(rt, actors)
     with TestClient(app) as client:
         job_id = client.post("/sync", json={}, headers=ADMIN).json()["job_id"]  # every company, like the hourly job
+        assert client.get(f"/v1/jobs/{job_id}", headers=manager).json()["status"] == "planning"
+        assert coordinate_job(stack.engine, actors, uuid.UUID(job_id)) is not None  # what the coordinator does
         before = client.get(f"/v1/jobs/{job_id}", headers=manager).json()
     assert len(task_companies(stack, job_id)) == 2
     assert {task["company_id"] for task in before["tasks"]} == {mine}
