@@ -217,7 +217,8 @@ def test_the_fleet_page_shows_queue_depths_rates_and_failed_work(console: Consol
     log_in_as_operator(page, console)
     page.goto(console.url("/console/fleet"))
     queues = page.locator("table.queues tbody tr td:first-child").all_inner_texts()
-    assert [q.split(" ")[0] for q in queues] == [rt.settings.queue_name, f"{rt.settings.queue_name}-high"]
+    name = rt.settings.queue_name
+    assert [q.split(" ")[0] for q in queues] == [name, f"{name}-high", f"{name}-coordinator"]
     assert page.locator("svg.chart").count() == 2
     assert float(page.inner_text("#rate")) > 0
     assert page.locator("table.failed-jobs tbody tr").count() == 1

@@ -20,9 +20,19 @@ function showProgress(box, status, p) {
   if (p.message) setText(box, ".message", p.message);
 }
 
+let reloading = false;
+
 function showTask(task) {
   const row = document.querySelector('tr[data-task-id="' + task.id + '"]');
-  if (!row) return;
+  if (!row) {
+    // A task the page does not list yet (the coordinator has just planned the job): on the Job
+    // page, render it again, once, to get the rows; the new stream starts from a snapshot.
+    if (!reloading && document.querySelector("[data-reload-on-end]")) {
+      reloading = true;
+      window.setTimeout(() => window.location.reload(), 200);
+    }
+    return;
+  }
   row.className = "task status-" + task.status;
   setText(row, ".t-status", task.status);
   setText(row, ".t-attempts", task.attempts);
