@@ -149,7 +149,8 @@ def fail_exhausted(engine: Engine, task_id: int, *, max_attempts: int) -> bool:
         last = row.error_message or "no error was recorded (the worker was killed or lost)"
         message = clean_text(f"attempt {row.attempts} of {max_attempts} did not finish before its lease expired; "
                              f"no attempts left; last error: {last}")
-        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message))
+        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message,
+                                                                        error_code="worker_lost"))
         log(conn, row.job_id, task_id, "error", message, {"attempt": row.attempts, "final": True})
         bump_job(conn, row.job_id, failed=1, now=utcnow())
     return True
@@ -267,25 +268,26 @@ def hand_off(engine: Engine, claim: Claim, *, note: str, fetch_state: dict[str, 
 
 
 def record_attempt_failure(
-    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False
+    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False, code: str = "internal"
 ) -> bool:
     """Log a failed attempt; release the task for a retry, or fail it for good.
 
     ``restart`` drops the saved cursor and part list, so the next attempt starts the partition
-    over (the partition changed under this lineage). Returns whether this call finished the job.
+    over (the partition changed under this lineage). ``code`` is the kind of failure
+    (``pipeline.error_codes``), stored beside the message. Returns whether this call finished the job.
     """
     error = clean_text(error)
     with engine.begin() as conn:
         now = db_now(conn)
         log(conn, claim.job_id, claim.task_id, "error", f"attempt {claim.attempts} failed: {error}",
-            {"attempt": claim.attempts, "final": final})
+            {"attempt": claim.attempts, "final": final, "code": code})
         if not final:
             extra: dict[str, Any] = {"fetch_state": None, "chunks": 0} if restart else {}
             _fenced(conn, claim, status="pending", lease_until=None, lease_token=None,
-                    error_message=error, updated_at=now, **extra)
+                    error_message=error, error_code=code, updated_at=now, **extra)
             return False
         _fenced(conn, claim, status="failed", lease_until=None, lease_token=None,
-                error_message=error, updated_at=now, completed_at=now)
+                error_message=error, error_code=code, updated_at=now, completed_at=now)
         return bump_job(conn, claim.job_id, failed=1, now=utcnow())
 
 
@@ -296,7 +298,7 @@ def complete_task(conn: Connection, claim: Claim, *, record_count: int, chunks: 
     """
     now = utcnow()
     _fenced(conn, claim, status="completed", lease_until=None, lease_token=None, record_count=record_count,
-            chunks=chunks, error_message=None, updated_at=now, completed_at=now)
+            chunks=chunks, error_message=None, error_code=None, updated_at=now, completed_at=now)
     return bump_job(conn, claim.job_id, completed=1, records=record_count, now=now)
 
 
