@@ -96,8 +96,7 @@ def test_cancel_on_a_running_job_stops_its_tasks(console: Console, page: Any) ->
     job_id = sync_now(page, console, company)
     page.wait_for_selector("tr.task .t-status:text('processing')", timeout=60_000)
     page.click("#cancel")
-    page.wait_for_url(re.compile(rf".*/console/jobs/{job_id}.*"))
-    assert page.inner_text(".notice").startswith("cancelled:")
+    page.wait_for_selector(".notice:text('cancelled:')")  # the page the cancel redirected to
     assert page.inner_text(".progress .status") == "cancelled"
     statuses = page.locator("tr.task .t-status").all_inner_texts()
     assert "cancelled" in statuses and set(statuses) <= {"completed", "cancelled"}
@@ -122,8 +121,7 @@ def test_retry_on_a_failed_job_sends_its_tasks_back_and_the_job_completes(consol
 
     update_company(console.runtime.engine, company, config={"days_ahead": 2, "jobs_per_day": 4})
     page.click("#retry")
-    page.wait_for_url(re.compile(rf".*/console/jobs/{job_id}.*"))
-    assert page.inner_text(".notice") == "retrying 3 task(s)"
+    page.wait_for_selector(".notice:text('retrying 3 task(s)')")  # the page the retry redirected to
     page.wait_for_selector(".progress .status:text('completed')", timeout=90_000)
     page.wait_for_load_state()
     wait_for(lambda: page.locator("tr.task .t-status").all_inner_texts() == ["completed"] * 3, timeout=30,
@@ -152,15 +150,16 @@ def test_flipping_a_toggle_hides_the_field_from_the_technician_preview_within_5_
 
     page.goto(console.url("/console/companies"))
     page.uncheck(f'tr[data-company-id="{company}"] input[data-toggle="TechDashboard_DisplayBillRate"]')
+    screenshot(page, "companies")
     page.click(f'tr[data-company-id="{company}"] button.save-toggles')
     flipped = time.monotonic()
     assert page.inner_text(".notice") == "toggles of Bright saved"
-    screenshot(page, "companies")
     page.goto(dataset_page)
     page.wait_for_function(
         "() => !document.querySelector('#technician-view').textContent.includes('\"billRate\"')", timeout=10_000
     )
     elapsed = time.monotonic() - flipped
+    print(f"the technician preview lost billRate {elapsed:.1f} s after the toggle was saved")
     assert elapsed <= 5, f"the technician preview still showed billRate {elapsed:.1f} s after the flip"
     assert '"billRate"' in page.inner_text("#manager-view"), "a manager still sees the field"
     screenshot(page, "dataset")
