@@ -594,12 +594,17 @@ def token(
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Option(help="Where the demo's SQLite file and blobs go.")] = Path(".demo"),
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the API and the web console on the demo.")] = False,
+    host: Annotated[str, typer.Option(help="With --serve: interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="With --serve: TCP port.")] = 8000,
 ) -> None:
     """Run the whole flow on the embedded default: SQLite, in-process broker, local blobs."""
-    from pipeline.demo import run_demo
+    from pipeline.demo import run_demo, serve_demo
 
     with errors_to_exit():
         code = run_demo(directory, out=out, err=err)
+        if serve and code == 0:
+            serve_demo(directory, host=host, port=port, out=out)
     raise typer.Exit(code)
 
 
