@@ -412,7 +412,7 @@ def main(argv: list[str]) -> int:
                 at_most(1.3), note=f"worker processes only; S3 server separately: ours {r.s3_cpu_ms[1]:.1f} ms, "
                                    f"baseline {r.s3_cpu_ms[0]:.1f} ms per task"),
             row("throughput", f"CPU per task, first sync, {at}", r.cpu_ms[1], r.cpu_ms[0], "ms",
-                note="workers + PostgreSQL backends + S3 server + RabbitMQ; less noisy than wall time"),
+                note="workers + PostgreSQL backends + S3 server (weed) + RabbitMQ; less noisy than wall time"),
             row("throughput", f"CPU per task, unchanged data, {at}", r.cpu_ms[2], r.cpu_ms[1], "ms",
                 note="baseline: the first sync"),
         ]

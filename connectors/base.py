@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from connectors.net import NetworkPolicy
 from connectors.policy import FieldPolicy
+
+if TYPE_CHECKING:
+    from connectors.oauth2 import TokenStore
 
 Record = dict[str, Any]
 FetchState = dict[str, Any]
@@ -95,17 +99,57 @@ class RateLimiter(Protocol):
 
 
 ResponseHook = Callable[[int], None]
+SecretPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What the operator allows a tenant's connector: built from the settings at the edge.
+
+    Parameters:
+        environ: the environment variables a config may name (already limited to ``env_prefix``).
+        env_prefix: ``PIPELINE_CONNECTOR_ENV_PREFIX``; a config naming another variable is refused.
+        network: where upstream connections may go and how large a response may be.
+
+    The defaults are the strictest: no variables, only public addresses, 64 MiB responses.
+    """
+
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    env_prefix: str = "CONNECTOR_"
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+
+
+@runtime_checkable
+class ChecksAdmission(Protocol):
+    """A connector whose config names secrets, environment variables or addresses.
+
+    ``registry.validate`` calls both methods before a company's config is stored.
+    """
+
+    def check_admission(self, context: ConnectorContext) -> None:
+        """Raise ``ConfigError`` naming the key if the config reaches what ``context`` does not allow
+        (an environment variable without the prefix, a refused IP-literal address)."""
+        ...
+
+    def secret_paths(self) -> Sequence[SecretPath]:
+        """The config keys holding secrets, e.g. ``[("auth", "token")]``: sealed before storing."""
+        ...
 
 
 class ConnectorFactory(Protocol):
     """Builds a connector from a company's config; raises ``ConfigError`` naming a bad key.
 
     ``on_response`` is called with the HTTP status of every upstream response (for metrics);
-    connectors that make no HTTP calls ignore it.
+    connectors that make no HTTP calls ignore it. ``context`` (default: the strictest) says
+    which environment variables and addresses the connector may use. ``tokens`` is the
+    company's OAuth2 token store (``connectors.oauth2.TokenStore``), used by connectors whose
+    config asks for OAuth2.
     """
 
     def __call__(
-        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None, on_response: ResponseHook | None = None
+        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
+        on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
+        tokens: TokenStore | None = None,
     ) -> Connector: ...
 
 

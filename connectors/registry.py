@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from connectors.base import Connector, ConnectorFactory, RateLimiter, ResponseHook
+from connectors.base import (
+    ChecksAdmission,
+    Connector,
+    ConnectorContext,
+    ConnectorFactory,
+    RateLimiter,
+    ResponseHook,
+    SecretPath,
+)
+from connectors.oauth2 import TokenStore
 from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
@@ -22,7 +31,8 @@ def names() -> list[str]:
 
 def build(
     name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
-    on_response: ResponseHook | None = None,
+    on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
+    tokens: TokenStore | None = None,
 ) -> Connector:
     """Build the connector ``name`` from a company's config.
 
@@ -36,19 +46,34 @@ def build(
         raise ConfigError(f"unknown connector {name!r} (known: {', '.join(names())})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
-    return factory(config, limiter=limiter, on_response=on_response)
+    return factory(config, limiter=limiter, on_response=on_response, context=context, tokens=tokens)
 
 
-def validate(name: str, config: Mapping[str, Any]) -> None:
-    """Raise ``ConfigError`` unless ``config`` is valid for connector ``name``."""
-    build(name, config).close()
+def validate(name: str, config: Mapping[str, Any], *, context: ConnectorContext | None = None) -> list[SecretPath]:
+    """Check ``config`` for connector ``name`` as it is about to be stored.
+
+    Parameters:
+        context: what the operator allows (default: the strictest, see ``ConnectorContext``).
+
+    Returns:
+        Where the config holds secrets, to be encrypted before it is stored.
+
+    Raises:
+        ConfigError: naming the key that is invalid or reaches what ``context`` does not allow.
+    """
+    context = context or ConnectorContext()
+    connector = build(name, config, context=context)
+    try:
+        if isinstance(connector, ChecksAdmission):
+            connector.check_admission(context)
+            return list(connector.secret_paths())
+        return []
+    finally:
+        connector.close()
 
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the registry never drags in every connector's deps.
-    import connectors.synthetic
-
-    try:
-        import connectors.rest  # noqa: F401
-    except ImportError:  # the REST connector is optional until it lands
-        pass
+    import connectors.graphql
+    import connectors.rest
+    import connectors.synthetic  # noqa: F401

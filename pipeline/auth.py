@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cachetools import LRUCache
 
 from pipeline.errors import AuthError, ConfigError
 from pipeline.policies import ROLES
@@ -152,16 +152,13 @@ class TokenVerifier:
     def __init__(self, settings: Settings, *, max_entries: int = 10_000) -> None:
         self._secret = jwt_secret(settings)
         self._issuer = settings.jwt_issuer
-        self._max_entries = max_entries
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._verified: LRUCache[str, tuple[Principal, float]] = LRUCache(maxsize=max_entries)
+        self._lock = threading.Lock()  # cachetools' caches are not thread-safe
 
     def __call__(self, token: str) -> Principal:
         """Return the token's principal. Raises ``AuthError``."""
         with self._lock:
             entry = self._verified.get(token)
-            if entry is not None:
-                self._verified.move_to_end(token)
         if entry is not None:
             principal, exp = entry
             if time.time() < exp:
@@ -172,6 +169,4 @@ class TokenVerifier:
         principal, exp = _decode(self._secret, self._issuer, token)
         with self._lock:
             self._verified[token] = (principal, exp)
-            while len(self._verified) > self._max_entries:
-                self._verified.popitem(last=False)
         return principal

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from sqlalchemy import CTE, Connection, Engine, and_, case, exists, func, insert, literal, or_, select, update
+from sqlalchemy import CTE, Connection, Engine, Interval, and_, case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from pipeline.errors import LeaseLost, TaskCancelled
@@ -55,12 +55,14 @@ def clean_text(text: str, limit: int = MESSAGE_LIMIT) -> str:
     return text[:limit]
 
 
-def db_now(engine_or_conn: Engine | Connection) -> ColumnElement[Any]:
-    """The database's clock (``clock_timestamp()``) on PostgreSQL, so leases never depend on a
-    host's wall clock (defect 12); this process's clock on SQLite (one host by construction)."""
+def db_now(engine_or_conn: Engine | Connection, plus_s: float = 0.0) -> ColumnElement[Any]:
+    """The database's clock (``clock_timestamp()``), plus ``plus_s`` seconds, on PostgreSQL, so
+    leases never depend on a host's wall clock (defect 12); this process's clock on SQLite (one
+    host by construction)."""
     if engine_or_conn.dialect.name == "postgresql":
-        return func.clock_timestamp()
-    return literal(utcnow(), UTCDateTime())
+        now = func.clock_timestamp()
+        return now + literal(timedelta(seconds=plus_s), Interval()) if plus_s else now
+    return literal(utcnow() + timedelta(seconds=plus_s), UTCDateTime())
 
 
 def db_later(now: ColumnElement[Any], seconds: float) -> ColumnElement[Any]:
@@ -93,7 +95,7 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: in
         .where(TASKS.c.id == task_id, claimable)
         .values(
             status="processing",
-            lease_until=db_later(now, lease_s),
+            lease_until=db_now(engine, lease_s),
             lease_token=token,
             attempts=TASKS.c.attempts + 1,
             updated_at=now,
@@ -147,7 +149,8 @@ def fail_exhausted(engine: Engine, task_id: int, *, max_attempts: int) -> bool:
         last = row.error_message or "no error was recorded (the worker was killed or lost)"
         message = clean_text(f"attempt {row.attempts} of {max_attempts} did not finish before its lease expired; "
                              f"no attempts left; last error: {last}")
-        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message))
+        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message,
+                                                                        error_code="worker_lost"))
         log(conn, row.job_id, task_id, "error", message, {"attempt": row.attempts, "final": True})
         bump_job(conn, row.job_id, failed=1, now=utcnow())
     return True
@@ -235,7 +238,7 @@ def save_progress(
     with engine.begin() as conn:
         now = db_now(conn)
         _fenced(conn, claim, fetch_state=fetch_state, chunks=chunks, updated_at=now,
-                lease_until=db_later(now, lease_s))
+                lease_until=db_now(conn, lease_s))
 
 
 def renew_lease(engine: Engine, claim: Claim, *, lease_s: float) -> None:
@@ -245,8 +248,7 @@ def renew_lease(engine: Engine, claim: Claim, *, lease_s: float) -> None:
         TaskCancelled / LeaseLost: as ``save_progress``.
     """
     with engine.begin() as conn:
-        now = db_now(conn)
-        _fenced(conn, claim, lease_until=db_later(now, lease_s))
+        _fenced(conn, claim, lease_until=db_now(conn, lease_s))
 
 
 def hand_off(engine: Engine, claim: Claim, *, note: str, fetch_state: dict[str, Any] | None = None) -> None:
@@ -266,25 +268,26 @@ def hand_off(engine: Engine, claim: Claim, *, note: str, fetch_state: dict[str, 
 
 
 def record_attempt_failure(
-    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False
+    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False, code: str = "internal"
 ) -> bool:
     """Log a failed attempt; release the task for a retry, or fail it for good.
 
     ``restart`` drops the saved cursor and part list, so the next attempt starts the partition
-    over (the partition changed under this lineage). Returns whether this call finished the job.
+    over (the partition changed under this lineage). ``code`` is the kind of failure
+    (``pipeline.error_codes``), stored beside the message. Returns whether this call finished the job.
     """
     error = clean_text(error)
     with engine.begin() as conn:
         now = db_now(conn)
         log(conn, claim.job_id, claim.task_id, "error", f"attempt {claim.attempts} failed: {error}",
-            {"attempt": claim.attempts, "final": final})
+            {"attempt": claim.attempts, "final": final, "code": code})
         if not final:
             extra: dict[str, Any] = {"fetch_state": None, "chunks": 0} if restart else {}
             _fenced(conn, claim, status="pending", lease_until=None, lease_token=None,
-                    error_message=error, updated_at=now, **extra)
+                    error_message=error, error_code=code, updated_at=now, **extra)
             return False
         _fenced(conn, claim, status="failed", lease_until=None, lease_token=None,
-                error_message=error, updated_at=now, completed_at=now)
+                error_message=error, error_code=code, updated_at=now, completed_at=now)
         return bump_job(conn, claim.job_id, failed=1, now=utcnow())
 
 
@@ -295,7 +298,7 @@ def complete_task(conn: Connection, claim: Claim, *, record_count: int, chunks: 
     """
     now = utcnow()
     _fenced(conn, claim, status="completed", lease_until=None, lease_token=None, record_count=record_count,
-            chunks=chunks, error_message=None, updated_at=now, completed_at=now)
+            chunks=chunks, error_message=None, error_code=None, updated_at=now, completed_at=now)
     return bump_job(conn, claim.job_id, completed=1, records=record_count, now=now)
 
 

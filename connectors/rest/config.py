@@ -1,8 +1,11 @@
 """The ``rest`` connector's config: pydantic models for the JSON a company stores.
 
 Everything is validated when a company is added or updated; a bad config raises
-``ConfigError`` naming the key path, e.g. ``resources.schedule.paginator.limit``. Secrets are
-never part of the config: ``auth`` names the environment variables that hold them.
+``ConfigError`` naming the key path, e.g. ``resources.schedule.paginator.limit``. A secret is
+either inline (``auth.token``, ``auth.value``: every field typed ``SecretValue``, which
+``pipeline.secrets`` encrypts before the config is stored and shows as ``"***"``), or named by
+an environment variable (``token_env``, ``value_env``) that must start with
+``PIPELINE_CONNECTOR_ENV_PREFIX`` — checked when the config is stored and when it is used.
 
 Beyond the shape in issue 3, the config accepts (all optional):
 
@@ -11,6 +14,11 @@ Beyond the shape in issue 3, the config accepts (all optional):
 - ``paginator.limit_param`` / ``paginator.limit`` for ``cursor`` (Stripe's ``limit``).
 - ``paginator.has_more`` for ``page`` (as for ``offset``).
 - ``records`` may be omitted: the response body itself is then the list of records.
+- ``details`` (issue 15): list-then-detail fetches, see ``DetailsConfig``. With it, a chunk's
+  ``pages_per_chunk`` counts requests of both kinds: a chunk ends before a page whose requests
+  (the listing plus its detail batches) would exceed it, after at least one page.
+- ``auth`` may be OAuth2 (``connectors.oauth2``): ``oauth2_client_credentials`` or
+  ``oauth2_refresh_token``.
 
 Defaults: ``auth`` none, ``timeout_s`` 30, no ``rate_limit``, ``partitions`` none, ``paginator``
 none, ``params`` empty, no ``envelope``, no ``incremental``, ``transform`` identity. The
@@ -27,6 +35,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -34,6 +43,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from connectors.oauth2 import OAuth2ClientCredentials, OAuth2RefreshToken
 from connectors.transforms import TRANSFORMS
 from errors import ConfigError
 
@@ -58,32 +68,63 @@ ResourceName = Annotated[str, StringConstraints(pattern=_RESOURCE, max_length=10
 ParamName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 DottedPath = Annotated[str, StringConstraints(pattern=_DOTTED, max_length=500)]
 ParamValue = str | int | float | bool
+# A secret: encrypted at rest, write-only. Any config field of this type is found by
+# ``secret_paths`` and sealed by ``pipeline.secrets`` — an auth kind added later (OAuth2's
+# client_secret, refresh_token) only has to type its fields with it.
+SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=10_000)]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _exactly_one(inline: SecretStr | None, env: str | None, names: tuple[str, str]) -> None:
+    if (inline is None) == (env is None):
+        raise ValueError(f"give exactly one of {names[0]} (the secret, stored encrypted) and {names[1]}")
+
+
 class BearerAuth(_Model):
-    """``Authorization: Bearer <value of token_env>``."""
+    """``Authorization: Bearer <token>``; the token inline or from the variable ``token_env``."""
 
     type: Literal["bearer"]
-    token_env: EnvVarName
+    token: SecretValue | None = None
+    token_env: EnvVarName | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BearerAuth:
+        _exactly_one(self.token, self.token_env, ("token", "token_env"))
+        return self
+
+    @property
+    def env_key(self) -> tuple[str, str | None]:
+        return "token_env", self.token_env
 
 
 class HeaderAuth(_Model):
-    """``<name>: <value of value_env>``, e.g. ``X-Api-Key``."""
+    """``<name>: <value>``, e.g. ``X-Api-Key``; the value inline or from the variable ``value_env``."""
 
     type: Literal["header"]
     name: HeaderName
-    value_env: EnvVarName
+    value: SecretValue | None = None
+    value_env: EnvVarName | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeaderAuth:
+        _exactly_one(self.value, self.value_env, ("value", "value_env"))
+        return self
+
+    @property
+    def env_key(self) -> tuple[str, str | None]:
+        return "value_env", self.value_env
 
 
 class NoAuth(_Model):
     type: Literal["none"]
 
 
-AuthConfig = Annotated[BearerAuth | HeaderAuth | NoAuth, Field(discriminator="type")]
+AuthConfig = Annotated[
+    BearerAuth | HeaderAuth | NoAuth | OAuth2ClientCredentials | OAuth2RefreshToken, Field(discriminator="type")
+]
 
 
 class RateLimitConfig(_Model):
@@ -231,6 +272,34 @@ def uses_placeholder(template: str, name: str) -> bool:
     return any(field == name for _literal, field, _spec, _conv in string.Formatter().parse(template))
 
 
+class DetailsConfig(_Model):
+    """List-then-detail: each listed page gives ids; their records come from ``path`` in batches.
+
+    A detail request is ``GET base_url + path`` with ``ids_param`` set to up to ``batch`` ids
+    joined by ``separator`` (YouTube's ``/videos?id=a,b,c``), plus ``params``. The records
+    published are the detail records (read at ``records``, keyed by the resource's
+    ``primary_key``), in the order of the listing; ``join`` is the key of a detail record that
+    holds the id asked for, and ``list_id`` the dotted path of the id in a listed record
+    (default: ``join``). An id the upstream no longer details is skipped with a warning.
+    """
+
+    path: str = Field(min_length=1, max_length=2_000)
+    ids_param: ParamName
+    batch: int = Field(default=50, ge=1, le=1_000)
+    records: DottedPath | None = None
+    join: str = Field(min_length=1, max_length=200)
+    list_id: DottedPath | None = None
+    separator: str = Field(default=",", min_length=1, max_length=5)
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/' (it is appended to base_url)")
+        return _check_template(value)
+
+
 class ResourceConfig(_Model):
     """One resource: where to fetch it, how to page through it, how to read and key its records."""
 
@@ -243,6 +312,7 @@ class ResourceConfig(_Model):
     paginator: PaginatorConfig = NonePaginatorConfig(type="none")
     incremental: IncrementalConfig | None = None
     transform: str = "identity"
+    details: DetailsConfig | None = None
 
     @field_validator("path")
     @classmethod
@@ -291,6 +361,27 @@ class RestConfig(_Model):
         if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
             raise ValueError("must be an http:// or https:// URL without query or fragment")
         return value.rstrip("/")
+
+
+def secret_paths(model: BaseModel, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The key paths of every ``SecretStr`` value in a validated config, e.g. ``[("auth", "token")]``."""
+    found: list[tuple[str | int, ...]] = []
+
+    def visit(value: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(value, SecretStr):
+            found.append(path)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                visit(getattr(value, name), (*path, name))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, (*path, key))
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                visit(item, (*path, index))
+
+    visit(model, prefix)
+    return found
 
 
 # Where pydantic puts the tag of a discriminated union into an error location (``None``
@@ -344,6 +435,11 @@ def _describe(error: ErrorDetails) -> str:
     return f"{path or 'config'}: {message}"
 
 
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One ``key.path: problem`` line per error, input values never echoed (they may be secrets)."""
+    return [_describe(error) for error in exc.errors(include_url=False, include_input=False)]
+
+
 def parse_config(config: Any) -> RestConfig:
     """Validate a company's ``rest`` config.
 
@@ -354,7 +450,7 @@ def parse_config(config: Any) -> RestConfig:
     try:
         return RestConfig.model_validate(config)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors(include_url=False, include_input=False)]
+        problems = validation_problems(exc)
         # Not chained: pydantic's own message echoes input values, and a token pasted into
         # ``token_env`` by mistake must not reach a log through the traceback.
         raise ConfigError("rest config: " + "; ".join(problems)) from None

@@ -1,6 +1,7 @@
 """Admin endpoints for companies (tenants), validated exactly like the CLI (``pipeline.companies``).
 
-Behind the admin key (``X-API-Key``), like the rest of the control API.
+Behind the admin key (``X-API-Key``), like the rest of the control API. Secrets in a config are
+write-only: responses show them as ``"***"``, and a PATCH that omits one keeps it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.api.errors import ErrorBody, error_response
 from pipeline.companies import add_company, get_company, list_companies, update_company
 from pipeline.errors import ConfigError
 from pipeline.models import Company
+from pipeline.secrets import redact
 
 router = APIRouter(tags=["companies"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES)
 
@@ -25,12 +27,18 @@ CompanyIdPath = Annotated[int, Path(gt=0, le=MAX_ID)]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such company"}}
 
 
+CONFIG_DESCRIPTION = (
+    "Connector config. Secrets inline (e.g. auth.token) are stored encrypted and shown as \"***\"; "
+    "environment references (token_env, value_env) must use the operator's allowed prefix"
+)
+
+
 class CompanyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
     connector: Annotated[str, StringConstraints(min_length=1, max_length=50)]
-    config: dict[str, Any] = Field(default_factory=dict, description="Connector config; secrets by env var name")
+    config: dict[str, Any] = Field(default_factory=dict, description=CONFIG_DESCRIPTION)
     toggles: dict[str, Any] = Field(default_factory=dict, description="Feature toggles: name → true/false")
     external_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     enabled: bool = True
@@ -42,7 +50,9 @@ class CompanyPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name | None = None
-    config: dict[str, Any] | None = None
+    config: dict[str, Any] | None = Field(
+        default=None, description=CONFIG_DESCRIPTION + "; a secret omitted or sent as \"***\" keeps the stored one"
+    )
     toggles: dict[str, Any] | None = None
     enabled: bool | None = None
 
@@ -65,7 +75,7 @@ class CompanyOut(BaseModel):
             name=company.name,
             external_id=company.external_id,
             connector=company.connector,
-            config=company.connector_config or {},
+            config=redact(company.connector_config or {}),
             toggles=company.feature_toggles or {},
             enabled=company.sync_enabled,
             created_at=company.created_at,
@@ -84,6 +94,8 @@ def post_company(body: CompanyIn, state: State) -> Any:
             toggles=body.toggles,
             external_id=body.external_id,
             enabled=body.enabled,
+            context=state.runtime.connector_context,
+            secrets=state.runtime.secrets,
         )
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
@@ -115,6 +127,8 @@ def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -
             config=body.config,
             toggles=body.toggles,
             enabled=body.enabled,
+            context=state.runtime.connector_context,
+            secrets=state.runtime.secrets,
         )
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))

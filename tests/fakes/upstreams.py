@@ -19,21 +19,27 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from connectors.base import FetchRequest, Record
 from connectors.synthetic import SyntheticConnector
 
-FaultKind = Literal["rate_limit", "server_error", "unauthorized", "not_success", "malformed"]
+if TYPE_CHECKING:
+    from tests.fakes.oauth2 import OAuth2Provider
+
+FaultKind = Literal[
+    "rate_limit", "server_error", "unauthorized", "not_success", "malformed", "graphql_errors", "throttled"
+]
 MalformedVariant = Literal["missing", "not_list", "not_json"]
 
 BASE_UPDATED_AT = datetime(2024, 1, 1, tzinfo=UTC)
@@ -53,6 +59,11 @@ class ServedRequest:
     headers: dict[str, str]
     at: float
     status: int
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The request body, decoded as JSON."""
+        return json.loads(self.body)
 
 
 @dataclass(slots=True)
@@ -120,6 +131,7 @@ class FakeUpstream:
         self._changes: dict[Any, dict[str, Any]] = {}
         self._touches = 0
         self._required_header: tuple[str, str] | None = None
+        self._authorizer: Callable[[dict[str, str]], bool] | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -196,6 +208,12 @@ class FakeUpstream:
         """Answer 401 to requests without header ``name: value`` (e.g. a bearer token)."""
         with self._lock:
             self._required_header = (name, value)
+
+    def require_oauth(self, provider: OAuth2Provider) -> None:
+        """Answer 401 (``invalid_token``) unless the bearer token is one ``provider`` issued and
+        still accepts; each request served counts as one use of the token."""
+        with self._lock:
+            self._authorizer = provider.authorize
 
     def touch(self, keys: Iterable[Any], **changes: Any) -> str:
         """Change the records with these primary keys and bump their ``updated_at``; return it."""
@@ -283,6 +301,9 @@ class FakeUpstream:
     def _authorized(self, headers: dict[str, str]) -> bool:
         with self._lock:
             required = self._required_header
+            authorizer = self._authorizer
+        if authorizer is not None and not authorizer(headers):
+            return False
         if required is None:
             return True
         sent = {name.lower(): value for name, value in headers.items()}
@@ -294,21 +315,21 @@ class FakeUpstream:
         params = dict(parse_qsl(url.query, keep_blank_values=True))
         headers = dict(handler.headers.items())
         length = int(handler.headers.get("Content-Length") or 0)
-        if length:
-            handler.rfile.read(length)
-        if handler.command != "GET":
+        body = handler.rfile.read(length) if length else b""
+        if handler.command not in self.methods:
             reply = Reply(405, self._error_body(405, "Method not allowed"))
         elif not self._authorized(headers):
-            reply = Reply(401, self._error_body(401, "Authorization has been denied for this request."))
+            reply = Reply(401, self._error_body(401, "Authorization has been denied for this request."),
+                          {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         elif (fault := self._next_fault()) is not None:
             reply = self._fault_reply(fault)
         else:
             try:
-                reply = self.route(url.path, params)
+                reply = self.handle(handler.command, url.path, params, body, headers)
             except BadRequest as exc:
                 reply = Reply(400, self._error_body(400, str(exc)))
         with self._lock:
-            self._log.append(ServedRequest(handler.command, url.path, params, headers, arrived, reply.status))
+            self._log.append(ServedRequest(handler.command, url.path, params, headers, arrived, reply.status, body))
         payload = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
         handler.send_response(reply.status)
         handler.send_header("Content-Type", reply.content_type)
@@ -319,6 +340,12 @@ class FakeUpstream:
         handler.wfile.write(payload)
 
     # -- per API ---------------------------------------------------------------------------
+
+    methods: ClassVar[frozenset[str]] = frozenset({"GET"})
+
+    def handle(self, method: str, path: str, params: dict[str, str], body: bytes, headers: dict[str, str]) -> Reply:
+        """Answer one authorized request; the default serves ``route`` (GET APIs)."""
+        return self.route(path, params)
 
     def route(self, path: str, params: dict[str, str]) -> Reply:
         raise NotImplementedError
@@ -549,3 +576,123 @@ class LinkApi(_ListApi):
         if variant == "not_list":
             return "items unavailable"
         return {"message": "Server Error"}
+
+
+class _StreamingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+    server: _StreamingServer
+
+    def do_GET(self) -> None:
+        self.server.fake.serve(self)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _StreamingServer(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: BigPageApi
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that stopped reading is the point
+            super().handle_error(request, client_address)
+
+
+class BigPageApi:
+    """``GET /items``: one JSON list of ``size`` bytes (records of ~1 KiB), streamed with chunked
+    transfer encoding — no ``Content-Length``, so a client learns the size only by reading.
+
+    ``declare_length`` sends a ``Content-Length`` instead. ``bytes_sent`` counts body bytes the
+    client accepted before it stopped reading; ``requests`` is how many requests arrived.
+    ``redirect_to`` answers every request with a 302 there instead; ``echo_auth`` answers 401
+    with the request's ``Authorization`` header in the body, as careless APIs do.
+    """
+
+    def __init__(
+        self, size: int = 10_000, *, declare_length: bool = False, redirect_to: str | None = None,
+        echo_auth: bool = False,
+    ) -> None:
+        self.size = size
+        self.declare_length = declare_length
+        self.redirect_to = redirect_to
+        self.echo_auth = echo_auth
+        self.bytes_sent = 0
+        self.requests = 0
+        self._server: _StreamingServer | None = None
+
+    def _body(self) -> Iterable[bytes]:
+        record = b'{"id": %d, "pad": "' + b"x" * 1000 + b'"}'
+        yield b"["
+        sent, index = 1, 0
+        while sent < self.size - 1_100:
+            piece = (b"," if index else b"") + record % index
+            yield piece
+            sent += len(piece)
+            index += 1
+        tail = self.size - sent - 1
+        yield b'"' + b" " * max(0, tail - 2) + b'"]' if not index else b" " * max(0, tail) + b"]"
+
+    def _pieces(self) -> Iterable[bytes]:
+        buffer = bytearray()
+        for piece in self._body():
+            buffer += piece
+            if len(buffer) >= 256 * 1024:
+                yield bytes(buffer)
+                buffer.clear()
+        if buffer:
+            yield bytes(buffer)
+
+    def _short(self, handler: BaseHTTPRequestHandler, status: int, body: bytes, **headers: str) -> None:
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def serve(self, handler: BaseHTTPRequestHandler) -> None:
+        self.requests += 1
+        if self.redirect_to is not None:
+            self._short(handler, 302, b"", Location=self.redirect_to)
+            return
+        if self.echo_auth:
+            sent = handler.headers.get("Authorization", "")
+            self._short(handler, 401, f'{{"error": "invalid credentials {sent}"}}'.encode())
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        if self.declare_length:
+            handler.send_header("Content-Length", str(self.size))
+        else:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for piece in self._pieces():
+                if self.declare_length:
+                    handler.wfile.write(piece)
+                else:
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.bytes_sent += len(piece)
+            if not self.declare_length:
+                handler.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True
+
+    def __enter__(self) -> Self:
+        server = _StreamingServer(("127.0.0.1", 0), _StreamingHandler)
+        server.fake = self
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "the fake is not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
