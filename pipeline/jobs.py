@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from sqlalchemy import CTE, Connection, Engine, Interval, and_, case, exists, func, insert, literal, or_, select, update
-from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline.errors import LeaseLost, TaskCancelled
 from pipeline.models import COMPANIES, DATASETS, FINISHED, JOB_LOG, JOBS, TASKS, UTCDateTime, utcnow
@@ -63,14 +63,6 @@ def db_now(engine_or_conn: Engine | Connection, plus_s: float = 0.0) -> ColumnEl
         now = func.clock_timestamp()
         return now + literal(timedelta(seconds=plus_s), Interval()) if plus_s else now
     return literal(utcnow() + timedelta(seconds=plus_s), UTCDateTime())
-
-
-def db_later(now: ColumnElement[Any], seconds: float) -> ColumnElement[Any]:
-    """``now`` (from ``db_now``) plus ``seconds``: an interval sum on PostgreSQL; on SQLite, whose
-    ``db_now`` is a bound datetime, the later datetime itself (SQLite cannot add an interval)."""
-    if isinstance(now, BindParameter) and isinstance(now.value, datetime):
-        return literal(now.value + timedelta(seconds=seconds), UTCDateTime())
-    return now + timedelta(seconds=seconds)
 
 
 def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: int | None = None) -> Claim | None:
