@@ -21,6 +21,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
+from connectors.oauth2 import TokenStore
 from connectors.registry import register
 from connectors.transforms import POLICIES
 from errors import ConfigError, ConnectorError, UpstreamError
@@ -52,6 +53,7 @@ class SyntheticConnector:
     def __init__(
         self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
         on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
+        tokens: TokenStore | None = None,
     ) -> None:
         known = {*_INT_KEYS, "fail_partitions", "poison_partitions", "chunk_delay_s"}
         for key in config:

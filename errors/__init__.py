@@ -92,6 +92,13 @@ class StorageError(PipelineError):
     default_kind = FailureKind.OUTAGE
 
 
+class StorageAuthError(StorageError):
+    """The S3 service rejected our credentials (bad signature, unknown or revoked key, access
+    denied): a configuration error, so neither an outage to wait out nor worth another attempt."""
+
+    default_kind = FailureKind.PERMANENT
+
+
 class InvalidKey(StorageError):
     """A blob key, prefix or metadata entry breaks the store's naming rules: a bug or bad
     config, never an outage."""
