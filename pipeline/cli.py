@@ -133,6 +133,28 @@ def preflight(s: Settings) -> None:
         pass
 
 
+def check_secrets_key(s: Settings) -> None:
+    """Components that decrypt tenants' secrets (workers; the API, to keep them on update) stop
+    at start-up, naming ``PIPELINE_SECRETS_KEY``, when it is missing or opens no stored secret.
+
+    Runs after ``preflight``; should the database stop answering in between, the check is
+    skipped with a warning, and a task that cannot decrypt fails naming the setting.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.db import make_engine
+    from pipeline.secrets import SecretBox, check_stored_secrets
+
+    with errors_to_exit():
+        engine = make_engine(s.database_url)
+        try:
+            check_stored_secrets(engine, SecretBox.from_settings(s))
+        except SQLAlchemyError as exc:
+            err.print(f"warning: stored secrets not checked: the database did not answer ({type(exc).__name__})")
+        finally:
+            engine.dispose()
+
+
 def parse_json(value: str, what: str) -> Any:
     """Parse JSON given inline or as ``@path``; a clear error names what was bad."""
     text = value
@@ -300,6 +322,8 @@ def run_sync(
     from actors.tasks import declare_actors
     from pipeline.planning import create_job
 
+    if not rt.settings.broker_url:
+        check_secrets_key(rt.settings)  # the tasks run in this process
     broker = make_broker(rt.settings)
     actors = declare_actors(broker, rt)
     try:
@@ -362,11 +386,7 @@ def worker(
                    "work inside `pipeline sync` / `pipeline demo`)")
     preflight(s)
     threads = threads or s.worker_threads
-    from pipeline.secrets import check_stored_secrets
-
-    with runtime() as rt:
-        # Workers decrypt tenants' secrets: a missing or wrong key stops them here, named.
-        check_stored_secrets(rt.engine, rt.secrets)
+    check_secrets_key(s)
     # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
     # this variable when it is first imported).
     os.environ["dramatiq_queue_prefetch"] = str(threads)
@@ -549,6 +569,7 @@ def serve(
 
     s = settings()
     preflight(s)
+    check_secrets_key(s)
     with errors_to_exit():
         run_server(s, host=host, port=port, workers=workers, access_log=access_log)
 
@@ -573,12 +594,17 @@ def token(
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Option(help="Where the demo's SQLite file and blobs go.")] = Path(".demo"),
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the API and the web console on the demo.")] = False,
+    host: Annotated[str, typer.Option(help="With --serve: interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="With --serve: TCP port.")] = 8000,
 ) -> None:
     """Run the whole flow on the embedded default: SQLite, in-process broker, local blobs."""
-    from pipeline.demo import run_demo
+    from pipeline.demo import run_demo, serve_demo
 
     with errors_to_exit():
         code = run_demo(directory, out=out, err=err)
+        if serve and code == 0:
+            serve_demo(directory, host=host, port=port, out=out)
     raise typer.Exit(code)
 
 

@@ -32,6 +32,7 @@ from pipeline.datasets import (
     remove_staging,
     staged_part,
 )
+from pipeline.error_codes import error_code
 from pipeline.errors import (
     DatabaseUnavailable,
     FailureKind,
@@ -164,7 +165,8 @@ def run_task(
         # The message time limit (a BaseException) or an interpreter exit: spend the attempt
         # while we still can, then let it go on. A kill -9 is caught by the next claim instead.
         try:
-            attempt.fail(f"interrupted: {describe(exc)}", final=claim.attempts >= settings.max_attempts)
+            attempt.fail(f"interrupted: {describe(exc)}", final=claim.attempts >= settings.max_attempts,
+                         code=error_code(exc))
         except Exception:  # the original interruption matters more
             logger.exception("task %s: could not record the interruption", task_id)
         raise
@@ -198,7 +200,7 @@ def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
             final = kind is FailureKind.PERMANENT or claim.attempts >= settings.max_attempts
         logger.warning("task %s attempt %s failed (%s, %s): %s", task_id, claim.attempts, kind.value,
                        "final" if final else "will retry", message)
-        attempt.fail(message, final=final, restart=isinstance(exc, VersionChanged))
+        attempt.fail(message, final=final, restart=isinstance(exc, VersionChanged), code=error_code(exc))
     except TaskCancelled:
         return Outcome.CANCELLED
     except LeaseLost:

@@ -153,6 +153,8 @@ class SyncTask(Base):
     chunks: Mapped[int] = mapped_column(default=0)
     record_count: Mapped[int] = mapped_column(default=0)
     error_message: Mapped[str | None] = mapped_column(Text)
+    # What kind of failure error_message describes (pipeline.error_codes.CODES).
+    error_code: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]

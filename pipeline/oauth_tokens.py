@@ -22,16 +22,20 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 
 from connectors.oauth2 import AccessToken, Obtain, UpstreamAuthError
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UpstreamError
 from pipeline.models import OAUTH_TOKENS
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
     from pipeline.secrets import SecretBox
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
 
 
 class Sealer(Protocol):
@@ -49,16 +53,20 @@ class DatabaseTokenStore:
         engine: the pipeline's engine (PostgreSQL, or SQLite in the embedded mode).
         company_id: whose tokens.
         sealer: seals the tokens at rest.
+        lock_wait_s: how long a refresh waits for another worker's refresh of the same company
+            before it gives up with a retryable ``UpstreamError`` (a hung token endpoint must
+            not hold every task of the company for longer than a lease).
     """
 
     # Serialises refreshes within this process too (SQLite ignores FOR UPDATE).
     _process_locks: ClassVar[dict[int, threading.Lock]] = {}
     _locks_guard: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, engine: Engine, company_id: int, *, sealer: Sealer) -> None:
+    def __init__(self, engine: Engine, company_id: int, *, sealer: Sealer, lock_wait_s: float = 60.0) -> None:
         self.engine = engine
         self.company_id = company_id
         self.sealer = sealer
+        self.lock_wait_s = lock_wait_s
 
     def _process_lock(self) -> threading.Lock:
         with self._locks_guard:
@@ -78,12 +86,32 @@ class DatabaseTokenStore:
             return None
         return self._token(row)
 
+    def _busy(self) -> UpstreamError:
+        return UpstreamError(
+            f"company {self.company_id}: another worker's OAuth2 token refresh has held the lock for over "
+            f"{self.lock_wait_s:g}s (is the token endpoint hanging?)", retryable=True)
+
     def refresh(self, grant: str, *, stale: str | None, obtain: Obtain) -> AccessToken:
+        lock = self._process_lock()
+        if not lock.acquire(timeout=self.lock_wait_s):
+            raise self._busy()
+        try:
+            return self._refresh(grant, stale=stale, obtain=obtain)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                raise self._busy() from None
+            raise
+        finally:
+            lock.release()
+
+    def _refresh(self, grant: str, *, stale: str | None, obtain: Obtain) -> AccessToken:
         table = OAUTH_TOKENS
         mine = table.c.company_id == self.company_id
         insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
-        with self._process_lock(), self.engine.connect() as conn:
+        with self.engine.connect() as conn:
             with conn.begin():
+                if self.engine.dialect.name == "postgresql":
+                    conn.execute(text(f"SET LOCAL lock_timeout = '{int(self.lock_wait_s * 1000)}ms'"))
                 conn.execute(
                     insert(table)
                     .values(company_id=self.company_id, grant_fingerprint=grant, refreshes=0,

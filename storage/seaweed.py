@@ -208,9 +208,12 @@ class SeaweedFS:
             if self._process.poll() is not None:
                 raise StorageError(f"SeaweedFS exited with code {self._process.returncode} while starting;"
                                    f" see {self.log_path}")
-            with contextlib.suppress(MinioException, HTTPError, OSError):
+            with contextlib.suppress(MinioException, HTTPError, OSError, ValueError):
                 client.list_buckets()
-                return self
+                # The gateway answers before the volume server has registered with the master;
+                # until it has, reading an object fails with InternalError (seconds, after a restart).
+                if self._volume_server_registered():
+                    return self
             if time.monotonic() >= deadline:
                 self.kill()
                 raise StorageError(f"SeaweedFS did not answer at {self.endpoint} within {timeout:.0f}s;"
@@ -258,6 +261,16 @@ class SeaweedFS:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.stop()
+
+    def _volume_server_registered(self) -> bool:
+        """True once the master's topology lists a data node (with the volumes it holds)."""
+        answer = urllib3.request("GET", f"http://{HOST}:{self.ports.master}/dir/status", retries=False,
+                                 timeout=urllib3.Timeout(connect=1.0, read=5.0))
+        if answer.status != 200:
+            return False
+        topology = json.loads(answer.data).get("Topology") or {}
+        return any(rack.get("DataNodes") for center in topology.get("DataCenters") or []
+                   for rack in center.get("Racks") or [])
 
     def _write_identities(self) -> Path:
         path = self.data_dir / IDENTITY_FILE

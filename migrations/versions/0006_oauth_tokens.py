@@ -1,7 +1,7 @@
 """OAuth2 tokens per company, shared by every worker (issue 15).
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005_error_codes
 Create Date: 2026-12-01
 
 One row per company: the sealed access token and its expiry, the sealed (rotated) refresh
@@ -18,7 +18,7 @@ from alembic import op
 import pipeline.models
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005_error_codes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

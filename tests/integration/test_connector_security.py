@@ -51,6 +51,12 @@ def cli(rt: Runtime, *args: str, drop: tuple[str, ...] = ()) -> subprocess.Compl
                           capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def task_rows(rt: Runtime) -> list[Any]:
     with rt.engine.connect() as conn:
         return list(conn.execute(select(SyncTask.__table__).order_by(SyncTask.id)).all())
@@ -211,7 +217,7 @@ def test_the_cloud_metadata_address_is_rejected_at_company_add(stack: Runtime, c
         assert conn.execute(select(COMPANIES.c.id)).all() == []
 
 
-def test_an_inline_secret_without_a_key_is_refused_and_a_worker_without_the_key_does_not_start(
+def test_an_inline_secret_without_a_key_is_refused_and_a_worker_or_api_without_the_key_does_not_start(
     stack: Runtime, schedule_api: ScheduleApi,
 ) -> None:
     config = {**schedule_config(schedule_api), "auth": {"type": "header", "name": "X-Api-Key", "value": SECRET}}
@@ -220,9 +226,10 @@ def test_an_inline_secret_without_a_key_is_refused_and_a_worker_without_the_key_
                                  engine=stack.engine, store=stack.store), name="c", connector="rest", config=config)
     add_rest_company(stack, name="c", connector="rest", config=config)
 
-    started = cli(stack, "worker", "--processes", "1", drop=("PIPELINE_SECRETS_KEY",))
-    assert started.returncode == 2
-    assert "PIPELINE_SECRETS_KEY is not set" in started.stderr and "Traceback" not in started.stderr
+    for command in (("worker", "--processes", "1"), ("serve", "--port", str(free_port()))):
+        started = cli(stack, *command, drop=("PIPELINE_SECRETS_KEY",))
+        assert started.returncode == 2, command
+        assert "PIPELINE_SECRETS_KEY is not set" in started.stderr and "Traceback" not in started.stderr
     with pytest.raises(ConfigError, match="PIPELINE_SECRETS_KEY does not decrypt"):
         check_stored_secrets(stack.engine, SecretBox(Fernet.generate_key().decode()))
 

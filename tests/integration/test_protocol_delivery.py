@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import pika.exceptions
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from pipeline.control import retry_job, submit_job
-from pipeline.models import JOBS, TASKS, utcnow
+from pipeline.models import JOB_LOG, JOBS, TASKS, utcnow
 from pipeline.runtime import Runtime
 from pipeline.sweeper import sweep
 from tests.fakes.scripted import Script, fixed
@@ -27,15 +27,15 @@ class RecordingBroker:
         self._backlog = backlog
         self.refuse = refuse
 
-    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
-        if self.refuse:
-            raise pika.exceptions.AMQPConnectionError("connection refused")
-        self.coordinated.append(job_id)
-
     def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
         if self.refuse:
             raise pika.exceptions.AMQPConnectionError("connection refused")
         self.sent.extend(task_ids)
+
+    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
+        if self.refuse:
+            raise pika.exceptions.AMQPConnectionError("connection refused")
+        self.coordinated.append(job_id)
 
     def backlog(self) -> int | None:
         return self._backlog
@@ -67,16 +67,20 @@ def test_a_pending_task_is_not_resent_under_a_backlog_while_nothing_later_has_st
     assert sweep(stack.engine, broker, pending_grace_s=300).lost_messages == 0 and broker.sent == []
 
 
-def test_a_sync_whose_message_cannot_be_sent_is_still_accepted_and_logged_for_the_sweeper(stack: Runtime) -> None:
+def test_a_sync_whose_messages_cannot_be_sent_is_still_accepted_and_logged_for_the_sweeper(stack: Runtime) -> None:
     company = add_scripted(stack, Script(pages=fixed([records(0, 3)])))
     broker = RecordingBroker(refuse=True)
     submitted = submit_job(stack.engine, broker, trigger="api", max_unfinished=3, company_ids=[company])
-    assert any("the sweeper will send it" in m for m in job_log(stack, submitted.job_id))
+    with stack.engine.connect() as conn:
+        messages = list(conn.execute(select(JOB_LOG.c.message).where(JOB_LOG.c.job_id == submitted.job_id)).scalars())
+        status = conn.execute(select(JOBS.c.status).where(JOBS.c.id == submitted.job_id)).scalar_one()
+    assert status == "pending" and any("the sweeper will send it" in m for m in messages)
     broker.refuse = False
     with stack.engine.begin() as conn:
-        conn.execute(update(JOBS).values(created_at=utcnow() - timedelta(seconds=400)))
-    sweep(stack.engine, broker, pending_grace_s=300)
-    assert broker.coordinated == [submitted.job_id]
+        conn.execute(update(JOBS).where(JOBS.c.id == submitted.job_id)
+                     .values(created_at=utcnow() - timedelta(minutes=10)))
+    report = sweep(stack.engine, broker, pending_grace_s=300)
+    assert report.unplanned_jobs == 1 and broker.coordinated == [submitted.job_id]
 
 
 def test_a_retry_whose_messages_cannot_be_sent_is_still_answered_and_the_sweeper_sends_them(stack: Runtime) -> None:

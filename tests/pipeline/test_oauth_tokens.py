@@ -4,6 +4,7 @@ revocations remembered, re-authorization, on PostgreSQL and SQLite."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ from sqlalchemy import Engine, select
 
 from connectors.oauth2 import AccessToken, OAuth2Auth, UpstreamAuthError
 from connectors.rest import RestConnector
-from errors import ConfigError
+from errors import ConfigError, UpstreamError
 from pipeline import migrate
 from pipeline.companies import add_company
 from pipeline.db import make_engine
@@ -187,3 +188,30 @@ def test_secrets_rotate_re_encrypts_the_stored_tokens_under_the_new_key(
     with engine.connect() as conn:
         row = conn.execute(select(OAUTH_TOKENS)).one()
     assert SecretBox(new_key).open(row.refresh_token) == provider.current_refresh_token()
+
+
+def test_a_refresh_waits_for_another_hosts_lock_only_so_long(
+    make_database: Callable[[], str], provider: OAuth2Provider, stripe_api: StripeApi
+) -> None:
+    url = make_database()
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
+    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                          secrets=SecretBox(KEY)).id
+    [(connector, auth)] = workers_auth(engine, company, config, 1)
+    try:
+        auth.access_token()
+        store = DatabaseTokenStore(engine, company, sealer=SecretBox(KEY), lock_wait_s=1.0)
+        with engine.connect() as other_host, other_host.begin():
+            # Another host's worker is in the middle of a refresh: it holds the row.
+            other_host.execute(select(OAUTH_TOKENS).where(OAUTH_TOKENS.c.company_id == company).with_for_update())
+            started = time.monotonic()
+            with pytest.raises(UpstreamError, match="held the lock for over 1s") as caught:
+                store.refresh(auth.grant, stale=None, obtain=auth._obtain)
+            waited = time.monotonic() - started
+        assert caught.value.retryable and 0.9 <= waited < 10
+        assert provider.refreshes == 1, "the waiting worker did not refresh"
+    finally:
+        connector.close()
+        engine.dispose()
