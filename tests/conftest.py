@@ -31,7 +31,7 @@ pytest_plugins = ["tests.fakes.fixtures"]
 # Hypothesis: bounded examples by default (CI); `--hypothesis-profile long` for long runs.
 settings.register_profile("ci", max_examples=20, stateful_step_count=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=500, stateful_step_count=60, deadline=None,
+settings.register_profile("long", max_examples=200, stateful_step_count=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
 
