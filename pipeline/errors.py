@@ -57,3 +57,7 @@ class LeaseLost(PipelineError):
 
 class AuthError(PipelineError):
     """A bearer token is missing, malformed, expired, badly signed or lacks a required claim."""
+
+
+class IdentityProviderUnavailable(PipelineError):
+    """The identity provider's key set (``PIPELINE_JWKS_URL``) could not be fetched: no verdict on a token."""

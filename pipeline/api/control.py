@@ -29,6 +29,7 @@ from starlette.responses import Response, StreamingResponse
 
 from pipeline.api.deps import State, api_state
 from pipeline.api.errors import ErrorBody, error_response
+from pipeline.api.limits import SlotStreamingResponse, StreamsExhausted, StreamSlots, streams_exhausted
 from pipeline.control import (
     CancelResult,
     InvalidJobState,
@@ -76,6 +77,7 @@ class ControlState:
         self._owned_feed: JobFeed | None = None
         self._lock = threading.Lock()
         self._resources = contextlib.ExitStack()
+        self.streams = StreamSlots(runtime.settings.api_max_event_streams)
 
     def dispatcher(self) -> Dispatcher:
         """The dispatcher, built on the first call (blocking; call it from a worker thread)."""
@@ -285,6 +287,11 @@ def _sse(event_id: int, event: Event) -> bytes:
             "description": "Server-Sent Events: snapshot, then task / progress events, then end",
         },
         404: {"model": ErrorBody, "description": "No such job"},
+        503: {
+            "model": ErrorBody,
+            "description": "Too many event streams are open in this process (see Retry-After), or the feed is down",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}},
+        },
     },
     summary="Live events of a job (Server-Sent Events), ending with its final state",
     description=(
@@ -294,11 +301,20 @@ def _sse(event_id: int, event: Event) -> bytes:
     ),
 )
 async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> Response:
-    stream = job_event_stream(state.runtime.engine, control.feed(), job_id)
     try:
-        first = await anext(stream)
-    except FeedUnavailable as exc:
-        return error_response(503, "events_unavailable", str(exc))
+        release = control.streams.acquire()
+    except StreamsExhausted as exc:
+        return streams_exhausted(exc)
+    try:
+        stream = job_event_stream(state.runtime.engine, control.feed(), job_id)
+        try:
+            first = await anext(stream)
+        except FeedUnavailable as exc:
+            release()
+            return error_response(503, "events_unavailable", str(exc))
+    except BaseException:
+        release()
+        raise
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -310,8 +326,9 @@ async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> R
         finally:
             await stream.aclose()
 
-    return StreamingResponse(
+    return SlotStreamingResponse(
         body(),
+        release=release,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -21,6 +21,7 @@ from pipeline.errors import (
     AuthError,
     ChecksumMismatch,
     ConfigError,
+    IdentityProviderUnavailable,
     NotFound,
     ObjectMissing,
     PipelineError,
@@ -67,6 +68,16 @@ async def _not_found(_: Request, exc: Exception) -> Response:
     return not_found()
 
 
+async def _provider_unavailable(request: Request, exc: Exception) -> Response:
+    log.error("token not verified on %s: %s", request.url.path, exc)
+    return error_response(
+        503,
+        "identity_provider_unavailable",
+        "the identity provider's keys could not be fetched; retry later",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _checksum_mismatch(request: Request, exc: Exception) -> Response:
     log.error("refused to serve %s: %s", request.url.path, exc)
     return error_response(
@@ -101,13 +112,32 @@ async def _pipeline_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "internal server error")
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers on this path (Starlette's 405 names one route's only)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        path_regex = getattr(route, "path_regex", None)
+        if route_methods and path_regex is not None and path_regex.match(request.url.path):
+            methods.update(route_methods)
+    return sorted(methods)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         return not_found()
-    code = {405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
-    headers = dict(exc.headers) if exc.headers else None
-    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+    code = {
+        400: "bad_request",
+        405: "method_not_allowed",
+        401: "unauthorized",
+        403: "forbidden",
+        413: "body_too_large",
+    }.get(exc.status_code, "http_error")
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
 
 def _field(location: Any) -> str:
@@ -132,6 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; the most specific exception class wins (Starlette walks the MRO)."""
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(IdentityProviderUnavailable, _provider_unavailable)
     app.add_exception_handler(ChecksumMismatch, _checksum_mismatch)
     app.add_exception_handler(ObjectMissing, _object_missing)
     app.add_exception_handler(StorageError, _storage_unavailable)
@@ -148,6 +179,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown resource or partition (or another company's)"},
     422: {"model": ErrorBody, "description": "Invalid request; the message names the field"},
     502: {"model": ErrorBody, "description": "The stored document failed its integrity check"},
-    503: {"model": ErrorBody, "description": "The database or the blob store is unavailable"},
+    503: {
+        "model": ErrorBody,
+        "description": "The database, the blob store or the identity provider's key set is unavailable",
+    },
 }
 """OpenAPI ``responses`` for routes that authenticate and read datasets."""
+
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The body could not be parsed"},
+    413: {"model": ErrorBody, "description": "The body is larger than PIPELINE_API_MAX_BODY_BYTES"},
+}
+"""OpenAPI ``responses`` added to every operation that takes a body (see ``pipeline.api.app``)."""
