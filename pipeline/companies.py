@@ -14,6 +14,10 @@ from pipeline.errors import ConfigError, NotFound
 from pipeline.models import Company, utcnow
 
 
+class DuplicateCompany(ConfigError):
+    """Another company already has this external id."""
+
+
 def validate_toggles(toggles: Any) -> dict[str, Any]:
     if not isinstance(toggles, Mapping):
         raise ConfigError(f"feature toggles must be a JSON object, got {type(toggles).__name__}")
@@ -50,7 +54,7 @@ def add_company(
         with transaction(engine) as session:
             session.add(company)
     except IntegrityError as exc:
-        raise ConfigError(f"a company with external id {external_id!r} already exists") from exc
+        raise DuplicateCompany(f"a company with external id {external_id!r} already exists") from exc
     return company
 
 

@@ -27,17 +27,37 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 from pydantic_core import ErrorDetails
 
 from connectors.transforms import TRANSFORMS
 from pipeline.errors import ConfigError
+from pipeline.jsontypes import JsonInt
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
+
+# The validators below, as JSON Schema patterns, so that the API's OpenAPI document describes
+# exactly what is accepted (a client generated from it can build every valid config).
+TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:partition|external_id)\})*$"
+"""A ``str.format`` template whose only fields are ``{partition}`` and ``{external_id}``."""
+USES_PARTITION_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{external_id\})*\{partition\}"
+"""A (valid) template that uses ``{partition}``."""
+BASE_URL_PATTERN = (
+    r"^https?://[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
+    r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+    r"(?:/[^?#\s]*)?$"
+)
+"""http(s), a host name or IPv4 address (no user info: credentials never sit in a URL), an optional
+port and path, no query or fragment."""
+_DAILY: JsonDict = {"const": "daily"}
+_PARTITION_TEMPLATE: JsonDict = {"type": "string", "pattern": USES_PARTITION_PATTERN}
+_TRANSFORM_NAMES: list[JsonValue] = [*sorted(TRANSFORMS)]
 
 _ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
@@ -60,7 +80,8 @@ ParamValue = str | int | float | bool
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a config is JSON, and "5" is not a number nor 0 a boolean (the schema says so too).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class BearerAuth(_Model):
@@ -99,7 +120,7 @@ class RetryConfig(_Model):
     ``max_wait_s`` bounds the total wait for one request.
     """
 
-    max_attempts: int = Field(default=5, ge=1, le=20)
+    max_attempts: JsonInt = Field(default=5, ge=1, le=20)
     backoff_s: float = Field(default=0.5, gt=0, le=60)
     max_backoff_s: float = Field(default=30.0, gt=0, le=600)
     max_wait_s: float = Field(default=120.0, ge=0, le=1_800)
@@ -118,9 +139,16 @@ class DailyPartitions(_Model):
     days; ``{"days_ahead": 1, "days_back": 2}`` is the day before yesterday, yesterday and today.
     """
 
+    # The schema states the model validator below: not (days_ahead == 0 and days_back in (0, absent)).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {"required": ["days_ahead"], "properties": {"days_ahead": {"const": 0}, "days_back": {"const": 0}}}
+        }
+    )
+
     type: Literal["daily"]
-    days_ahead: int = Field(default=7, ge=0, le=366)
-    days_back: int = Field(default=0, ge=0, le=366)
+    days_ahead: JsonInt = Field(default=7, ge=0, le=366)
+    days_back: JsonInt = Field(default=0, ge=0, le=366)
 
     @model_validator(mode="after")
     def _at_least_one_day(self) -> DailyPartitions:
@@ -148,7 +176,7 @@ class OffsetPaginatorConfig(_Model):
     type: Literal["offset"]
     offset_param: ParamName = "offset"
     limit_param: ParamName = "limit"
-    limit: int = Field(default=100, ge=1, le=100_000)
+    limit: JsonInt = Field(default=100, ge=1, le=100_000)
     has_more: DottedPath | None = None
 
 
@@ -158,8 +186,8 @@ class PagePaginatorConfig(_Model):
     type: Literal["page"]
     page_param: ParamName = "page"
     size_param: ParamName = "pageSize"
-    size: int = Field(default=100, ge=1, le=100_000)
-    first_page: int = Field(default=1, ge=0)
+    size: JsonInt = Field(default=100, ge=1, le=100_000)
+    first_page: JsonInt = Field(default=1, ge=0)
     has_more: DottedPath | None = None
 
 
@@ -171,12 +199,23 @@ class CursorPaginatorConfig(_Model):
     is false or, without it, when there is no next cursor or the page is empty.
     """
 
+    # The schema states ``_limit_needs_param``: both set, or both null or absent.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["limit", "limit_param"], "properties": {"limit": {"type": "integer"},
+                                                                      "limit_param": {"type": "string"}}},
+                {"properties": {"limit": {"type": "null"}, "limit_param": {"type": "null"}}},
+            ]
+        }
+    )
+
     type: Literal["cursor"]
     cursor_param: ParamName = "starting_after"
     cursor_path: DottedPath | None = None
     has_more: DottedPath | None = None
     limit_param: ParamName | None = None
-    limit: int | None = Field(default=None, ge=1, le=100_000)
+    limit: JsonInt | None = Field(default=None, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _limit_needs_param(self) -> CursorPaginatorConfig:
@@ -233,15 +272,39 @@ def uses_placeholder(template: str, name: str) -> bool:
 class ResourceConfig(_Model):
     """One resource: where to fetch it, how to page through it, how to read and key its records."""
 
-    path: str = Field(min_length=1, max_length=2_000)
-    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+    # ``{partition}`` only with daily partitions (checked by the connector; stated here for the schema).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["partitions"], "properties": {"partitions": {"properties": {"type": _DAILY}}}},
+                {
+                    "properties": {
+                        "path": {"not": {"pattern": USES_PARTITION_PATTERN}},
+                        "params": {"additionalProperties": {"not": _PARTITION_TEMPLATE}},
+                    }
+                },
+            ]
+        }
+    )
+
+    path: str = Field(
+        min_length=1, max_length=2_000, json_schema_extra={"pattern": "^/" + TEMPLATE_PATTERN.removeprefix("^")}
+    )
+    params: dict[ParamName, ParamValue] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "additionalProperties": {
+                "anyOf": [{"type": "string", "pattern": TEMPLATE_PATTERN}, {"type": "number"}, {"type": "boolean"}]
+            }
+        },
+    )
     partitions: PartitionsConfig = NonePartitions(type="none")
     records: DottedPath | None = None
     envelope: EnvelopeConfig | None = None
     primary_key: str = Field(min_length=1, max_length=200)
     paginator: PaginatorConfig = NonePaginatorConfig(type="none")
     incremental: IncrementalConfig | None = None
-    transform: str = "identity"
+    transform: str = Field(default="identity", json_schema_extra={"enum": _TRANSFORM_NAMES})
 
     @field_validator("path")
     @classmethod
@@ -276,19 +339,24 @@ class ResourceConfig(_Model):
 class RestConfig(_Model):
     """A company's ``rest`` connector config (see the module docstring for the keys)."""
 
-    base_url: str = Field(max_length=2_000)
+    base_url: str = Field(max_length=2_000, json_schema_extra={"pattern": BASE_URL_PATTERN})
     auth: AuthConfig = NoAuth(type="none")
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     rate_limit: RateLimitConfig | None = None
     retry: RetryConfig = RetryConfig()
-    pages_per_chunk: int = Field(default=10, ge=1, le=10_000)
-    resources: dict[ResourceName, ResourceConfig] = Field(min_length=1)
+    pages_per_chunk: JsonInt = Field(default=10, ge=1, le=10_000)
+    resources: dict[ResourceName, ResourceConfig] = Field(
+        min_length=1, json_schema_extra={"additionalProperties": False}
+    )
 
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
-            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        if not re.match(BASE_URL_PATTERN, value):
+            raise ValueError(
+                "must be an http:// or https:// URL: a host name or IPv4 address, an optional port and path,"
+                " no user info, query or fragment"
+            )
         return value.rstrip("/")
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from pipeline.api import companies, control, metrics, read
 from pipeline.api.deps import ApiState
-from pipeline.api.errors import install_error_handlers
+from pipeline.api.errors import BODY_RESPONSES, install_error_handlers
+from pipeline.api.limits import BodyLimit
 from pipeline.runtime import Runtime
 from pipeline.settings import load_settings
 
@@ -83,8 +85,41 @@ def create_app(
     app.include_router(control.router, include_in_schema=control_enabled)
     app.include_router(companies.router, include_in_schema=control_enabled)
     app.include_router(metrics.router)
+    app.add_middleware(BodyLimit, max_bytes=runtime.settings.api_max_body_bytes)
     app.add_middleware(metrics.RequestLatency)
+    _document_body_errors(app)
     return app
+
+
+def _document_body_errors(app: FastAPI) -> None:
+    """Add the 400 (unparseable body) and 413 (``BodyLimit``) answers to every operation taking a body.
+
+    Done on the generated document rather than route by route, so a new route with a body cannot
+    be left undocumented.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "requestBody" not in operation:
+                    continue
+                responses = operation.setdefault("responses", {})
+                for status, response in BODY_RESPONSES.items():
+                    responses.setdefault(
+                        str(status),
+                        {
+                            "description": response["description"],
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                        },
+                    )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app_from_env() -> FastAPI:

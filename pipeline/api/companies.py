@@ -6,44 +6,111 @@ Behind the admin key (``X-API-Key``), like the rest of the control API.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
+from connectors import registry
 from pipeline.api.control import ADMIN_RESPONSES, MAX_ID, require_admin
 from pipeline.api.deps import State
 from pipeline.api.errors import ErrorBody, error_response
-from pipeline.companies import add_company, get_company, list_companies, update_company
+from pipeline.companies import DuplicateCompany, add_company, get_company, list_companies, update_company
 from pipeline.errors import ConfigError
 from pipeline.models import Company
 
 router = APIRouter(tags=["companies"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES)
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# Whitespace-only names are refused (they are stripped): the pattern says so in the schema.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"\S")]
 CompanyIdPath = Annotated[int, Path(gt=0, le=MAX_ID)]
+Toggles = Annotated[dict[str, bool], Field(description="Feature toggles: name → true/false")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such company"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The external id is taken, or the config is for another connector"}
+}
 
 
-class CompanyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Body(BaseModel):
+    """A strict request body (no coercion: ``"enabled": 0`` is not a boolean) that remembers what was sent."""
 
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _sent: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_sent(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        model = handler(data)
+        if isinstance(model, _Body) and isinstance(data, dict):
+            model._sent = data
+        return model
+
+    def sent_config(self) -> dict[str, Any]:
+        """``config`` exactly as the client sent it: stored as sent, after the registry validates it again."""
+        config = self._sent.get("config")
+        return dict(config) if isinstance(config, dict) else {}
+
+
+class _CompanyFields(_Body):
+    connector: str  # narrowed to one Literal per connector below
+    config: Any
     name: Name
-    connector: Annotated[str, StringConstraints(min_length=1, max_length=50)]
-    config: dict[str, Any] = Field(default_factory=dict, description="Connector config; secrets by env var name")
-    toggles: dict[str, Any] = Field(default_factory=dict, description="Feature toggles: name → true/false")
+    toggles: Toggles = Field(default_factory=dict)
     external_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     enabled: bool = True
 
 
-class CompanyPatch(BaseModel):
-    """Only the fields given change; ``config`` and ``toggles`` are replaced whole."""
+def _company_model(connector: str, config_model: type[BaseModel] | None) -> type[_CompanyFields]:
+    """``{"connector": "<connector>", "config": <its config model>, ...}`` for the union below."""
+    config: Any
+    if config_model is None:
+        config = (dict[str, Any], Field(default_factory=dict))
+    elif any(field.is_required() for field in config_model.model_fields.values()):
+        config = (config_model, ...)
+    else:  # every key optional: the whole config may be left out too
+        config = (config_model, Field(default_factory=config_model))
+    model: type[_CompanyFields] = create_model(
+        f"{connector.title().replace('_', '')}CompanyIn",
+        __base__=_CompanyFields,
+        __doc__=f"A company whose upstream is the {connector!r} connector.",
+        connector=(Literal[connector], ...),  # type: ignore[arg-type]
+        config=config,
+    )
+    return model
 
-    model_config = ConfigDict(extra="forbid")
+
+_COMPANY_MODELS = {name: _company_model(name, model) for name, model in registry.config_models().items()}
+_CONFIG_MODELS = {name: model for name, model in registry.config_models().items() if model is not None}
+
+if TYPE_CHECKING:
+    CompanyIn = _CompanyFields
+    ConnectorConfig = BaseModel
+else:
+    CompanyIn = Annotated[Union[tuple(_COMPANY_MODELS.values())], Field(discriminator="connector")]  # noqa: UP007
+    ConnectorConfig = Union[tuple(_CONFIG_MODELS.values())]  # noqa: UP007
+# CompanyIn: a new company, one body shape per connector told apart by ``connector`` (a
+# discriminated union); ConnectorConfig: any connector's config (PATCH checks it is the company's).
+
+
+class CompanyPatch(_Body):
+    """Only the fields given change; ``config`` and ``toggles`` are replaced whole.
+
+    ``config`` must be a config of the company's own connector (409 otherwise).
+    """
 
     name: Name | None = None
-    config: dict[str, Any] | None = None
-    toggles: dict[str, Any] | None = None
+    config: ConnectorConfig | None = None
+    toggles: Toggles | None = None
     enabled: bool | None = None
 
 
@@ -73,18 +140,23 @@ class CompanyOut(BaseModel):
         )
 
 
-@router.post("/companies", status_code=201, response_model=CompanyOut, summary="Add a company")
+@router.post(
+    "/companies", status_code=201, response_model=CompanyOut, responses=CONFLICT, summary="Add a company"
+)
 def post_company(body: CompanyIn, state: State) -> Any:
+    config = body.sent_config()
     try:
         company = add_company(
             state.runtime.engine,
             name=body.name,
             connector=body.connector,
-            config=body.config,
+            config=config,
             toggles=body.toggles,
             external_id=body.external_id,
             enabled=body.enabled,
         )
+    except DuplicateCompany as exc:
+        return error_response(409, "conflict", str(exc))
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
     return CompanyOut.of(company)
@@ -103,16 +175,30 @@ def get_one_company(company_id: CompanyIdPath, state: State) -> Any:
 @router.patch(
     "/companies/{company_id}",
     response_model=CompanyOut,
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, **CONFLICT},
     summary="Change a company's name, connector config, feature toggles or sync switch",
 )
 def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -> Any:
+    engine = state.runtime.engine
+    config = None
+    if body.config is not None:
+        config = body.sent_config()
+        connector = get_company(engine, company_id).connector
+        model = _CONFIG_MODELS.get(connector)
+        if model is not None and not isinstance(body.config, model):
+            # Valid for some connector (the schema's union), so a 409 when not for this company's.
+            try:
+                model.model_validate(config)
+            except ValidationError:
+                return error_response(
+                    409, "conflict", f"company {company_id} uses connector {connector!r}: send a {connector} config"
+                )
     try:
         company = update_company(
-            state.runtime.engine,
+            engine,
             company_id,
             name=body.name,
-            config=body.config,
+            config=config,
             toggles=body.toggles,
             enabled=body.enabled,
         )

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
@@ -48,10 +48,13 @@ from pipeline.control import (
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
+from pipeline.jsontypes import JsonInt
 from pipeline.runtime import Runtime
 
 ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
-MAX_ID = 2**63 - 1
+MAX_ID = 2**53 - 1
+"""The largest id the API accepts: every JSON client (JavaScript, a generator working in doubles)
+represents it exactly, so the bound in the schema is the bound that is checked."""
 JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]  # pipeline.models.STATUSES
 
 # --- per-app state -----------------------------------------------------------------------------
@@ -168,15 +171,17 @@ router = APIRouter(
 
 # --- start a sync ------------------------------------------------------------------------------
 
-CompanyId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
-ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
-PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+CompanyId = Annotated[JsonInt, Field(gt=0, le=MAX_ID)]
+# No control characters (pipeline.planning refuses them): said in the schema, so clients know.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=_PRINTABLE)]
+PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
 
 
 class SyncRequest(BaseModel):
     """What to sync; every list narrows the scope, and an omitted one means all."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     company_ids: list[CompanyId] | None = Field(default=None, max_length=100_000)
     resources: list[ResourceName] | None = Field(default=None, max_length=1000)
@@ -198,7 +203,14 @@ class SyncAccepted(BaseModel):
     "/sync",
     status_code=202,
     response_model=SyncAccepted,
-    responses={429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"}},
+    responses={
+        404: {"model": ErrorBody, "description": "A company in scope does not exist"},
+        409: {
+            "model": ErrorBody,
+            "description": "A company in scope is disabled or unusable, or does not offer a resource in scope",
+        },
+        429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
+    },
     summary="Start a sync: plans the job and queues its tasks, answers before any task runs",
 )
 def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
@@ -218,9 +230,10 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
     except TooManyJobs as exc:
         return error_response(429, "too_many_jobs", str(exc))
     except NotFound as exc:
-        return error_response(422, "unknown_company", str(exc))
+        return error_response(404, "unknown_company", str(exc))
     except ConfigError as exc:
-        return error_response(422, "invalid_request", str(exc))
+        # The body is valid (the model checked it); what it names is not syncable now.
+        return error_response(409, "conflict", str(exc))
     job = str(planned.job_id)
     return SyncAccepted(
         job_id=planned.job_id,

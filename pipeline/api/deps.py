@@ -275,9 +275,9 @@ class ApiState:
             rows = connection.execute(
                 _dataset_columns()
                 .where(Dataset.company_id == company_id, Dataset.resource == resource)
-                .order_by(Dataset.partition_key)
             ).all()
-        return tuple(_dataset_view(row) for row in rows)
+        # Ordered here, not by the database's collation: the listing pages by code point (bisect).
+        return tuple(sorted((_dataset_view(row) for row in rows), key=lambda dataset: dataset.partition))
 
 
 def _dataset_columns() -> Any:
