@@ -12,11 +12,17 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
+    """``5.0`` → ``5``; anything else unchanged (a ``BeforeValidator``)."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_integral)]
-"""An ``int`` that also accepts an integral JSON number such as ``5.0`` (never a string or a boolean)."""
+JsonInt = Annotated[int, BeforeValidator(integral)]
+"""An ``int`` that also accepts an integral JSON number such as ``5.0`` (never a string or a boolean).
+
+Bounds go on the model field (``x: JsonInt = Field(ge=1)``). Inside a list or an optional, write
+``Annotated[int, Field(ge=1), BeforeValidator(integral)]`` instead: pydantic would otherwise put
+its own ``ge`` key, which is not JSON Schema, into the document.
+"""

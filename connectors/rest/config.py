@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -38,7 +39,7 @@ from pydantic_core import ErrorDetails
 
 from connectors.transforms import TRANSFORMS
 from pipeline.errors import ConfigError
-from pipeline.jsontypes import JsonInt
+from pipeline.jsontypes import JsonInt, integral
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
 
@@ -51,10 +52,11 @@ USES_PARTITION_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{external_id\})*\{partition\}"
 BASE_URL_PATTERN = (
     r"^https?://[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
     r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
-    r"(?:/[^?#\s]*)?$"
+    r"(?:/[^?#\x00-\x20\x7f]*)?$"
 )
-"""http(s), a host name or IPv4 address (no user info: credentials never sit in a URL), an optional
-port and path, no query or fragment."""
+r"""http(s), a host name or IPv4 address (no user info: credentials never sit in a URL), an optional
+port and path (no spaces or control characters; written out, since generators and ``re`` disagree on
+what ``\s`` covers), no query or fragment."""
 _DAILY: JsonDict = {"const": "daily"}
 _PARTITION_TEMPLATE: JsonDict = {"type": "string", "pattern": USES_PARTITION_PATTERN}
 _TRANSFORM_NAMES: list[JsonValue] = [*sorted(TRANSFORMS)]
@@ -215,7 +217,7 @@ class CursorPaginatorConfig(_Model):
     cursor_path: DottedPath | None = None
     has_more: DottedPath | None = None
     limit_param: ParamName | None = None
-    limit: JsonInt | None = Field(default=None, ge=1, le=100_000)
+    limit: Annotated[int, Field(ge=1, le=100_000), BeforeValidator(integral)] | None = None
 
     @model_validator(mode="after")
     def _limit_needs_param(self) -> CursorPaginatorConfig:

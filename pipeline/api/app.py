@@ -92,7 +92,9 @@ def create_app(
 
 
 def _document_body_errors(app: FastAPI) -> None:
-    """Add the 400 (unparseable body) and 413 (``BodyLimit``) answers to every operation taking a body.
+    """Add the 400 (unparseable body) and 413 (``BodyLimit``) answers to every operation taking a body,
+    and state that no string in a request body may hold U+0000 (PostgreSQL cannot store it; the
+    company endpoints refuse it with 422).
 
     Done on the generated document rather than route by route, so a new route with a body cannot
     be left undocumented.
@@ -116,6 +118,7 @@ def _document_body_errors(app: FastAPI) -> None:
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
                         },
                     )
+        _forbid_nul_in_request_bodies(schema)
         app.openapi_schema = schema
         return schema
 
@@ -136,3 +139,57 @@ def create_app_from_env() -> FastAPI:
     except BaseException:
         runtime.close()
         raise
+
+
+NO_NUL = "^[^\\x00]*$"
+
+
+def _forbid_nul_in_request_bodies(document: dict[str, Any]) -> None:
+    """Constrain every string (and object key) of the schemas request bodies use to exclude U+0000."""
+    components: dict[str, Any] = document.get("components", {}).get("schemas", {})
+    pending = [
+        operation["requestBody"]
+        for path_item in document.get("paths", {}).values()
+        for operation in path_item.values()
+        if isinstance(operation, dict) and "requestBody" in operation
+    ]
+    seen: set[str] = set()
+    constrained: set[int] = set()
+    while pending:
+        node = pending.pop()
+        for ref in _refs(node):
+            name = ref.rsplit("/", 1)[-1]
+            if name not in seen and name in components:
+                seen.add(name)
+                pending.append(components[name])
+        _no_nul(node, constrained)
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
+
+
+def _no_nul(node: Any, constrained: set[int]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _no_nul(item, constrained)
+        return
+    if not isinstance(node, dict) or id(node) in constrained:
+        return
+    constrained.add(id(node))  # a schema reached twice is constrained once
+    if node.get("type") == "string" and "const" not in node and "enum" not in node:
+        if "pattern" not in node:
+            node["pattern"] = NO_NUL
+        elif "\\x00" not in node["pattern"]:
+            node.setdefault("allOf", []).append({"pattern": NO_NUL})
+    open_keys = node.get("additionalProperties") not in (None, False) or "patternProperties" in node
+    if node.get("type") == "object" and open_keys:
+        node.setdefault("propertyNames", {}).setdefault("pattern", NO_NUL)
+    for key, value in node.items():
+        if key != "not":  # constraining a negated schema would widen what it accepts
+            _no_nul(value, constrained)

@@ -25,7 +25,14 @@ from connectors import registry
 from pipeline.api.control import ADMIN_RESPONSES, MAX_ID, require_admin
 from pipeline.api.deps import State
 from pipeline.api.errors import ErrorBody, error_response
-from pipeline.companies import DuplicateCompany, add_company, get_company, list_companies, update_company
+from pipeline.companies import (
+    DuplicateCompany,
+    add_company,
+    get_company,
+    list_companies,
+    nul_character_at,
+    update_company,
+)
 from pipeline.errors import ConfigError
 from pipeline.models import Company
 
@@ -33,7 +40,7 @@ router = APIRouter(tags=["companies"], dependencies=[Depends(require_admin)], re
 
 # Whitespace-only names are refused (they are stripped): the pattern says so in the schema.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"\S")]
-CompanyIdPath = Annotated[int, Path(gt=0, le=MAX_ID)]
+CompanyIdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 Toggles = Annotated[dict[str, bool], Field(description="Feature toggles: name → true/false")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such company"}}
 CONFLICT: dict[int | str, dict[str, Any]] = {
@@ -50,6 +57,9 @@ class _Body(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_sent(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        found = nul_character_at(data)
+        if found:
+            raise ValueError(f"{found}: contains a NUL character (U+0000), which cannot be stored")
         model = handler(data)
         if isinstance(model, _Body) and isinstance(data, dict):
             model._sent = data

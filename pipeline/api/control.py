@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
@@ -48,7 +48,7 @@ from pipeline.control import (
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
-from pipeline.jsontypes import JsonInt
+from pipeline.jsontypes import integral
 from pipeline.runtime import Runtime
 
 ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
@@ -171,7 +171,7 @@ router = APIRouter(
 
 # --- start a sync ------------------------------------------------------------------------------
 
-CompanyId = Annotated[JsonInt, Field(gt=0, le=MAX_ID)]
+CompanyId = Annotated[int, Field(ge=1, le=MAX_ID), BeforeValidator(integral)]
 # No control characters (pipeline.planning refuses them): said in the schema, so clients know.
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=_PRINTABLE)]
@@ -252,7 +252,7 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
 def get_jobs(
     state: State,
     status: Annotated[JobStatus | None, Query()] = None,
-    company_id: Annotated[int | None, Query(gt=0, le=MAX_ID)] = None,
+    company_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Any:
     return list_jobs(state.runtime.engine, status=status, company_id=company_id, limit=limit)

@@ -13,7 +13,6 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy import Engine
 
 from pipeline.api import create_app
@@ -188,7 +187,8 @@ def test_a_sync_on_the_embedded_default_runs_in_process_and_streams_events_by_po
     assert [job["id"] for job in listed] == [job_id] and other == []
 
 
-def test_the_control_api_conforms_to_its_schema_and_never_answers_5xx(admin_api: Api) -> None:
+def test_the_control_api_accepts_what_its_schema_allows_and_never_answers_5xx(admin_api: Api) -> None:
+    # In-process and quick; tests/pipeline/api/test_contract.py runs the CLI with every check and phase.
     schema = schemathesis.openapi.from_asgi("/openapi.json", admin_api.app)
     control = schema.include(path_regex="^/(sync|companies)")
     statuses: list[int] = []
@@ -196,11 +196,11 @@ def test_the_control_api_conforms_to_its_schema_and_never_answers_5xx(admin_api:
     @given(case=control.as_strategy())
     @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def check(case: Any) -> None:
-        # Schema-valid is not always acceptable: connector configs and company ids are checked
-        # against the database and the connector registry, which no schema can express.
-        response = case.call_and_validate(headers=ADMIN, excluded_checks=[positive_data_acceptance])
+        # Connector configs are described in the schema (a union on `connector`), so schema-valid
+        # bodies are accepted: positive_data_acceptance holds too.
+        response = case.call_and_validate(headers=ADMIN)
         statuses.append(response.status_code)
 
     check()
     assert not [status for status in statuses if status >= 500]
-    assert 422 in statuses and 404 in statuses
+    assert [status for status in statuses if status < 300], statuses
