@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from pipeline.errors import (
     AuthError,
@@ -112,15 +113,20 @@ async def _pipeline_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "internal server error")
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app answers on this path (Starlette's 405 names one route's only)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        path_regex = getattr(route, "path_regex", None)
-        if route_methods and path_regex is not None and path_regex.match(request.url.path):
-            methods.update(route_methods)
-    return sorted(methods)
+    """Every method some route of the app answers on this path (Starlette's 405 names one route's only).
+
+    Asks the router itself, method by method, so included routers and mounts are covered.
+    """
+    allowed = []
+    for method in HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
