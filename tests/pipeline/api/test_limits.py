@@ -36,7 +36,7 @@ def limited_api(api_settings: Settings, api_engine: Engine, local_store: BlobSto
     yield from start_api(settings, api_engine, local_store)
 
 
-def error_code(response: httpx.Response) -> str:
+def error_code(response: Any) -> str:
     body = response.json()
     assert set(body) == {"error"}, body
     return str(body["error"]["code"])
