@@ -5,8 +5,12 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
+# The locked runtime dependencies first, every artifact's sha256 checked (see scripts/lock): this
+# layer is rebuilt only when requirements/runtime.txt changes, not on every source edit.
+COPY requirements/runtime.txt requirements/runtime.txt
+RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/runtime.txt
 COPY . .
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install --no-deps .
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

@@ -26,19 +26,21 @@ def amqp_url_with_heartbeat(url: str) -> str:
     return urlunparse(parsed._replace(query=urlencode(query)))
 
 
-def retry_policy(max_retries: int) -> Callable[[int, BaseException], bool]:
-    """Dramatiq's ``retry_when``: give up after ``max_retries``, except while a service is down.
+def retry_policy(max_retries: int, *, max_outage_retries: int | None = None) -> Callable[[int, BaseException], bool]:
+    """Dramatiq's ``retry_when``: give up after ``max_retries``, or ``max_outage_retries`` while a
+    service is down.
 
     A message that failed because the database or blob storage is unreachable is retried (with
-    backoff capped at ``RETRY_MAX_BACKOFF_MS``) until the service is back, instead of ending in
-    the dead-letter queue after a few seconds of outage.
+    backoff capped at ``RETRY_MAX_BACKOFF_MS``) for about ``PIPELINE_OUTAGE_RETRY_S``, instead of
+    ending in the dead-letter queue after a few seconds of outage. Past that, the sweeper still
+    re-sends the task (its lease expires, or it is pending without a message).
     """
 
     def retry(retries: int, exc: BaseException) -> bool:
         cause: BaseException | None = exc
         while cause is not None:
             if is_outage(cause):
-                return True
+                return max_outage_retries is None or retries < max_outage_retries
             cause = cause.__cause__
         return retries < max_retries
 
@@ -58,7 +60,10 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
         ShutdownNotifications(),
         GracefulStop(),
         Retries(
-            retry_when=retry_policy(settings.max_attempts + 2),
+            retry_when=retry_policy(
+                settings.max_attempts + 2,
+                max_outage_retries=int(settings.outage_retry_s * 1000 / max(settings.retry_max_backoff_ms, 1)) + 1,
+            ),
             min_backoff=settings.retry_min_backoff_ms,
             max_backoff=settings.retry_max_backoff_ms,
         ),

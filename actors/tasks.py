@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,14 +12,16 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from actors.shutdown import graceful_stop
+from connectors.rest.ratelimit import make_rate_limiter
 from pipeline.execution import Outcome, RetryTask, run_task
-from pipeline.ratelimit import make_rate_limiter
+from pipeline.planning import coordinate_job
 from pipeline.runtime import Runtime
 
 # Messages written to the socket at once when planning fans out (see _publish_batch).
 PUBLISH_BATCH = 1000
 SYNC_PARTITION = "sync_partition"
 SYNC_PARTITION_HIGH = "sync_partition_high"
+COORDINATE_SYNC = "coordinate_sync"
 # Dramatiq's worker takes lower numbers first from the messages it has prefetched.
 HIGH_PRIORITY = 0
 NORMAL_PRIORITY = 100
@@ -31,6 +34,7 @@ class Actors:
     broker: dramatiq.Broker
     normal: dramatiq.Actor[[int], None]
     high: dramatiq.Actor[[int], None]
+    coordinator: dramatiq.Actor[[str], None]
 
     def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
         actor = self.high if priority == "high" else self.normal
@@ -41,19 +45,22 @@ class Actors:
         for task_id in task_ids:
             actor.send(task_id)
 
+    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
+        self.coordinator.send(str(job_id))
+
     def backlog(self) -> int | None:
         counts = getattr(self.broker, "get_queue_message_counts", None)
         if counts is None:
             return None
         total = 0
-        for actor in (self.normal, self.high):
+        for actor in (self.normal, self.high, self.coordinator):
             ready, delayed, _dead = counts(actor.queue_name)
             total += ready + delayed
         return total
 
     @property
     def queues(self) -> list[str]:
-        return [self.normal.queue_name, self.high.queue_name]
+        return [self.normal.queue_name, self.high.queue_name, self.coordinator.queue_name]
 
 
 def _publish_batch(broker: RabbitmqBroker, actor: dramatiq.Actor[[int], None], task_ids: Sequence[int]) -> None:
@@ -89,9 +96,11 @@ def _publish_batch(broker: RabbitmqBroker, actor: dramatiq.Actor[[int], None], t
 
 
 def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
-    """Declare ``sync_partition`` (scheduled work) and its high-priority twin on ``broker``.
+    """Declare ``sync_partition`` (scheduled work), its high-priority twin and ``coordinate_sync``.
 
-    People's syncs (API, CLI) go to their own queue and run ahead of the hourly batch.
+    People's syncs (API, CLI) go to their own queue and run ahead of the hourly batch. The
+    coordinator (planning a submitted job, then sending its tasks) has a queue of its own, so a
+    plan never waits behind 80,000 partition messages; Retries re-sends it if it fails.
     """
     queue = runtime.settings.queue_name
     should_stop = graceful_stop(broker).should_stop
@@ -120,4 +129,15 @@ def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
     holder[SYNC_PARTITION_HIGH] = dramatiq.actor(
         broker=broker, actor_name=SYNC_PARTITION_HIGH, queue_name=f"{queue}-high", priority=HIGH_PRIORITY
     )(sync_partition_high)
-    return Actors(broker=broker, normal=holder[SYNC_PARTITION], high=holder[SYNC_PARTITION_HIGH])
+    actors: Actors | None = None
+
+    def coordinate_sync(job_id: str) -> None:
+        assert actors is not None
+        coordinate_job(runtime.engine, actors, uuid.UUID(job_id))
+
+    coordinator = dramatiq.actor(
+        broker=broker, actor_name=COORDINATE_SYNC, queue_name=f"{queue}-coordinator", priority=HIGH_PRIORITY
+    )(coordinate_sync)
+    actors = Actors(broker=broker, normal=holder[SYNC_PARTITION], high=holder[SYNC_PARTITION_HIGH],
+                    coordinator=coordinator)
+    return actors

@@ -16,7 +16,9 @@ from pipeline.settings import load_settings
 
 settings = load_settings()
 logging.getLogger("pipeline").setLevel(settings.log_level)
-runtime = Runtime.from_settings(settings)
+# No pre-ping: one round trip less per transaction; a broken connection fails its attempt as an
+# outage (retried) and makes the pool reconnect.
+runtime = Runtime.from_settings(settings, pre_ping=False)
 broker = make_broker(settings)
 broker.add_middleware(WorkerMetrics())
 actors = declare_actors(broker, runtime)

@@ -11,6 +11,7 @@ import sys
 BENCHMARKS: dict[str, str] = {
     "read_api": "bench.read_api",
     "fanout": "bench.fanout",
+    "submit": "bench.submit",
     "throughput": "bench.throughput",
     "large": "bench.large",
     "metadata": "bench.metadata",

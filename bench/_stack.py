@@ -1,5 +1,5 @@
 """Isolated services for one benchmark: a fresh PostgreSQL database, a RabbitMQ vhost, an S3
-bucket (on its own moto server unless ``PIPELINE_S3_ENDPOINT`` names a real one) and a blob
+bucket (on its own SeaweedFS server unless ``PIPELINE_S3_ENDPOINT`` names another) and a blob
 directory — all removed afterwards, on failure and on Ctrl-C / SIGTERM too.
 
 The service helpers themselves are the test suite's (``tests.services``): the benchmarks
@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -40,7 +39,6 @@ from tests.services import S3Service
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-MOTO_CREDENTIALS = ("testing", "testing")
 # What a poll may meet while the reliability suite restarts the shared PostgreSQL or RabbitMQ.
 SERVICE_BLIPS: tuple[type[Exception], ...] = (OperationalError, psycopg.OperationalError,
                                               pika.exceptions.AMQPConnectionError)
@@ -147,32 +145,14 @@ def _retrying(action: Callable[[], None], errors: tuple[type[Exception], ...], s
 
 @contextlib.contextmanager
 def s3_endpoint(work: Path) -> Iterator[tuple[S3Service, int | None]]:
-    """``PIPELINE_S3_ENDPOINT`` (a real MinIO) if set, else a moto server in its own process
-    (its pid comes along, for CPU accounting)."""
-    endpoint = os.environ.get("PIPELINE_S3_ENDPOINT")
-    if endpoint:
-        yield S3Service(
-            endpoint=endpoint,
-            access_key=os.environ.get("PIPELINE_S3_ACCESS_KEY", "minioadmin"),
-            secret_key=os.environ.get("PIPELINE_S3_SECRET_KEY", "minioadmin"),
-            secure=os.environ.get("PIPELINE_S3_SECURE", "").lower() in {"1", "true", "yes", "on"},
-        ), None
+    """``PIPELINE_S3_ENDPOINT`` (a real S3 service) if set, else a SeaweedFS server of the run's
+    own under ``work`` (its pid comes along, for CPU accounting)."""
+    configured = services.s3_from_environment()
+    if configured is not None:
+        yield configured, None
         return
-    port = services.free_port()
-    log = (work / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        services.wait_for(lambda: process.poll() is not None or services.port_open("127.0.0.1", port),
-                          timeout=60, what=f"moto server on port {port}")
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with code {process.returncode}; see {log.name}")
-        yield S3Service(f"127.0.0.1:{port}", *MOTO_CREDENTIALS), process.pid
-    finally:
-        stop_process_group(process, grace_s=5)
-        log.close()
+    with services.seaweed(work / "seaweedfs") as server:
+        yield services.seaweed_service(server), server.pid
 
 
 @contextlib.contextmanager

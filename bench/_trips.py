@@ -5,6 +5,15 @@ database round trips and S3 requests it makes does not. ``probe`` runs a few tas
 process on the bench's services and counts, per task: SQL statements, transaction commands
 (BEGIN / COMMIT / ROLLBACK) and pool pre-pings — each one a round trip to PostgreSQL — and
 requests to the blob store.
+
+Transaction commands are counted when psycopg 3 sends them, not when SQLAlchemy announces them:
+SQLAlchemy fires ``begin`` and ``rollback`` for an AUTOCOMMIT connection too (its autobegin, and
+the rollback on release), but psycopg sends BEGIN only just before the first statement of a
+transaction (never in autocommit), and COMMIT or ROLLBACK only when the server reports a
+transaction open (``Connection._start_query``, ``_commit_gen`` and ``_rollback_gen`` return early
+otherwise). So BEGIN is counted at the statement that makes psycopg send it, and a COMMIT or
+ROLLBACK event on an idle connection is counted apart (``no-op commit`` / ``no-op rollback``),
+not as a round trip.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, event
 
 from pipeline.runtime import Runtime
@@ -44,12 +54,15 @@ class CountingStore:
 
 @contextmanager
 def counting(engine: Engine, counts: Counter[str]) -> Iterator[None]:
-    def statement(*_args: Any) -> None:
+    def statement(conn: Any, *_args: Any) -> None:
+        dbapi = conn.connection.dbapi_connection
+        if hasattr(dbapi, "info") and not dbapi.autocommit and dbapi.info.transaction_status == IDLE:
+            counts["begin"] += 1  # psycopg sends BEGIN just before this statement
         counts["statements"] += 1
 
     def command(name: str) -> Callable[..., None]:
-        def count(*_args: Any) -> None:
-            counts[name] += 1
+        def count(conn: Any, *_args: Any) -> None:
+            counts[name if _sends(conn, name) else f"no-op {name}"] += 1
 
         return count
 
@@ -59,7 +72,6 @@ def counting(engine: Engine, counts: Counter[str]) -> Iterator[None]:
 
     hooks: list[tuple[Any, str, Callable[..., None]]] = [
         (engine, "before_cursor_execute", statement),
-        (engine, "begin", command("begin")),
         (engine, "commit", command("commit")),
         (engine, "rollback", command("rollback")),
         (engine.pool, "checkout", checkout),
@@ -71,6 +83,17 @@ def counting(engine: Engine, counts: Counter[str]) -> Iterator[None]:
     finally:
         for target, name, hook in hooks:
             event.remove(target, name, hook)
+
+
+IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+def _sends(conn: Any, command: str) -> bool:
+    """Whether psycopg will send COMMIT / ROLLBACK on this SQLAlchemy connection's DBAPI connection now."""
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is None or not hasattr(dbapi, "info"):
+        return True  # not psycopg 3: count it
+    return bool(dbapi.info.transaction_status != IDLE)
 
 
 @dataclass(frozen=True)

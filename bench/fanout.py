@@ -159,6 +159,9 @@ class PerMessage:
         for task_id in task_ids:
             actor.send(task_id)
 
+    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
+        self.actors.coordinate(job_id, priority=priority)
+
     def backlog(self) -> int | None:
         return self.actors.backlog()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+from connectors.net import NetworkPolicy
 from connectors.policy import FieldPolicy
 
 Record = dict[str, Any]
@@ -40,6 +41,9 @@ class FetchRequest:
     since: str | None = None
     attempt: int = 1
     deadline: float | None = None
+    # ``time.monotonic()`` value past which no wait or request of this fetch may run: the
+    # attempt's lease would expire (``deadline`` is the softer time budget).
+    lease_deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,23 +85,65 @@ class Connector(Protocol):
 class RateLimiter(Protocol):
     """Spaces requests to one upstream across every worker process and host."""
 
-    def acquire(self, key: str, requests_per_second: float) -> None:
-        """Block until the caller may send one request to upstream ``key``."""
+    def acquire(self, key: str, requests_per_second: float, *, deadline: float | None = None) -> None:
+        """Block until the caller may send one request to upstream ``key``.
+
+        Raises:
+            DeadlineExceeded: the slot lies past ``deadline`` (a ``time.monotonic()`` value);
+                the caller does not wait for it.
+        """
         ...
 
 
 ResponseHook = Callable[[int], None]
+SecretPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What the operator allows a tenant's connector: built from the settings at the edge.
+
+    Parameters:
+        environ: the environment variables a config may name (already limited to ``env_prefix``).
+        env_prefix: ``PIPELINE_CONNECTOR_ENV_PREFIX``; a config naming another variable is refused.
+        network: where upstream connections may go and how large a response may be.
+
+    The defaults are the strictest: no variables, only public addresses, 64 MiB responses.
+    """
+
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    env_prefix: str = "CONNECTOR_"
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+
+
+@runtime_checkable
+class ChecksAdmission(Protocol):
+    """A connector whose config names secrets, environment variables or addresses.
+
+    ``registry.validate`` calls both methods before a company's config is stored.
+    """
+
+    def check_admission(self, context: ConnectorContext) -> None:
+        """Raise ``ConfigError`` naming the key if the config reaches what ``context`` does not allow
+        (an environment variable without the prefix, a refused IP-literal address)."""
+        ...
+
+    def secret_paths(self) -> Sequence[SecretPath]:
+        """The config keys holding secrets, e.g. ``[("auth", "token")]``: sealed before storing."""
+        ...
 
 
 class ConnectorFactory(Protocol):
     """Builds a connector from a company's config; raises ``ConfigError`` naming a bad key.
 
     ``on_response`` is called with the HTTP status of every upstream response (for metrics);
-    connectors that make no HTTP calls ignore it.
+    connectors that make no HTTP calls ignore it. ``context`` (default: the strictest) says
+    which environment variables and addresses the connector may use.
     """
 
     def __call__(
-        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None, on_response: ResponseHook | None = None
+        self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
+        on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
     ) -> Connector: ...
 
 
@@ -107,7 +153,7 @@ def resource_spec(connector: Connector, name: str) -> ResourceSpec:
     Raises:
         ConnectorError: the connector does not offer ``name``.
     """
-    from pipeline.errors import ConnectorError
+    from errors import ConnectorError
 
     for spec in connector.resources():
         if spec.name == name:

@@ -7,8 +7,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from connectors.base import Connector, ConnectorFactory, RateLimiter, ResponseHook
-from pipeline.errors import ConfigError
+from connectors.base import (
+    ChecksAdmission,
+    Connector,
+    ConnectorContext,
+    ConnectorFactory,
+    RateLimiter,
+    ResponseHook,
+    SecretPath,
+)
+from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
 _CONFIG_MODELS: dict[str, type[BaseModel]] = {}
@@ -33,7 +41,7 @@ def names() -> list[str]:
 
 def build(
     name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
-    on_response: ResponseHook | None = None,
+    on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
 ) -> Connector:
     """Build the connector ``name`` from a company's config.
 
@@ -47,12 +55,30 @@ def build(
         raise ConfigError(f"unknown connector {name!r} (known: {', '.join(names())})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
-    return factory(config, limiter=limiter, on_response=on_response)
+    return factory(config, limiter=limiter, on_response=on_response, context=context)
 
 
-def validate(name: str, config: Mapping[str, Any]) -> None:
-    """Raise ``ConfigError`` unless ``config`` is valid for connector ``name``."""
-    build(name, config).close()
+def validate(name: str, config: Mapping[str, Any], *, context: ConnectorContext | None = None) -> list[SecretPath]:
+    """Check ``config`` for connector ``name`` as it is about to be stored.
+
+    Parameters:
+        context: what the operator allows (default: the strictest, see ``ConnectorContext``).
+
+    Returns:
+        Where the config holds secrets, to be encrypted before it is stored.
+
+    Raises:
+        ConfigError: naming the key that is invalid or reaches what ``context`` does not allow.
+    """
+    context = context or ConnectorContext()
+    connector = build(name, config, context=context)
+    try:
+        if isinstance(connector, ChecksAdmission):
+            connector.check_admission(context)
+            return list(connector.secret_paths())
+        return []
+    finally:
+        connector.close()
 
 
 def _load_builtin() -> None:

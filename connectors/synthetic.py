@@ -22,11 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
+from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
+from connectors.jsontypes import JsonInt
 from connectors.registry import register
 from connectors.transforms import POLICIES
-from pipeline.errors import ConfigError, ConnectorError, UpstreamError
-from pipeline.jsontypes import JsonInt
+from errors import ConfigError, ConnectorError, UpstreamError
 
 _FIRST = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lia")
 _LAST = ("Park", "Nakamura", "Okafor", "Silva", "Novak", "Haddad", "Lindqvist", "Moreau")
@@ -78,7 +78,7 @@ class SyntheticConnector:
 
     def __init__(
         self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
-        on_response: ResponseHook | None = None,
+        on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
     ) -> None:
         parsed = parse_config(config)
         self.jobs_per_day = parsed.jobs_per_day

@@ -14,7 +14,7 @@ import orjson
 
 from connectors.base import Record
 from connectors.policy import FieldPolicy, ToggleRule
-from pipeline.errors import ConnectorError, UpstreamError
+from errors import ConnectorError, UpstreamError
 
 Document = dict[str, Any]
 

@@ -4,7 +4,13 @@ Each chunk becomes one run sorted by primary key (in memory when there is a sing
 else in a temporary NDJSON file); the runs are merged with ``heapq.merge``, keeping the record
 from the latest run for each key (later chunks and incremental changes win). The document is
 rendered in a stream into a spooled temporary file while it is hashed, so a partition of a
-million records needs memory for one chunk, not for the document.
+million records needs memory for one chunk, not for the document. At most ``MERGE_FAN_IN``
+runs are open at once: beyond that, consecutive runs are first merged into bigger ones
+(defect 10: a thousand chunks used to exhaust file descriptors).
+
+Records the upstream sent that cannot be stored (not an object, no or an unusable primary key,
+an integer beyond 64 bits) raise ``BadRecord``, which is permanent: the same page gives the
+same record on every attempt (defect 15).
 """
 
 from __future__ import annotations
@@ -21,18 +27,58 @@ import orjson
 
 from connectors.base import Record
 from connectors.transforms import TransformSpec, render, sort_key
-from pipeline.errors import UpstreamError
+from pipeline.errors import BadRecord
 
 SPOOL_BYTES = 8 * 1024 * 1024
+MERGE_FAN_IN = 64
 
 
 def _key_of(record: Any, primary_key: str, position: int) -> Any:
+    """The primary key of ``record``: a string or a number.
+
+    Raises:
+        BadRecord: naming the record's position and what is wrong with it.
+    """
     if not isinstance(record, dict):
-        raise UpstreamError(f"record #{position} is {type(record).__name__}, expected an object")
+        raise BadRecord(f"record #{position} is a JSON {_json_type(record)}, expected an object")
     value = record.get(primary_key)
     if value is None:
-        raise UpstreamError(f"record #{position} has no primary key {primary_key!r}")
+        raise BadRecord(f"record #{position} has no primary key {primary_key!r}")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRecord(f"record #{position}: primary key {primary_key!r} is a JSON {_json_type(value)}, "
+                        "expected a string or a number")
     return value
+
+
+def check_records(records: Iterable[Any], primary_key: str, *, first: int = 0) -> None:
+    """Check every record has a usable primary key (see ``_key_of``); ``first`` numbers them.
+
+    Raises:
+        BadRecord: for the first record that does not.
+    """
+    for position, record in enumerate(records, first):
+        _key_of(record, primary_key, position)
+
+
+def encode_record(record: Any, position: int, *, option: int | None = None) -> bytes:
+    """One record as JSON bytes.
+
+    Raises:
+        BadRecord: the record holds what JSON cannot carry here (an integer beyond 64 bits,
+            a lone surrogate, a non-string key).
+    """
+    try:
+        return orjson.dumps(record, option=option)
+    except orjson.JSONEncodeError as exc:
+        raise BadRecord(f"record #{position} cannot be stored: {exc}") from exc
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    return "number" if isinstance(value, int | float) else type(value).__name__
 
 
 @dataclass
@@ -61,19 +107,37 @@ class SortedRuns:
         if not spill:
             self._memory.append(run)
             return
+        self._files.append(self._spill(run))
+
+    def _spill(self, records: Iterable[Record]) -> str:
         handle, path = tempfile.mkstemp(prefix="run-", suffix=".ndjson", dir=self.directory)
         with os.fdopen(handle, "wb") as out:
-            for record in run:
-                out.write(orjson.dumps(record) + b"\n")
-        self._files.append(path)
+            for position, record in enumerate(records):
+                out.write(encode_record(record, position) + b"\n")
+        return path
 
     def _read(self, path: str) -> Iterator[Record]:
         with open(path, "rb") as source:
             for line in source:
                 yield orjson.loads(line)
 
+    def _compact(self) -> None:
+        """Merge consecutive spilled runs until at most ``MERGE_FAN_IN`` remain (order kept)."""
+        while len(self._files) > MERGE_FAN_IN:
+            merged: list[str] = []
+            for start in range(0, len(self._files), MERGE_FAN_IN):
+                group = self._files[start:start + MERGE_FAN_IN]
+                if len(group) == 1:
+                    merged.append(group[0])
+                    continue
+                merged.append(self._spill(self._merge([self._read(path) for path in group])))
+                for path in group:
+                    os.unlink(path)
+            self._files = merged
+
     def merged(self) -> Iterator[Record]:
         """Every key once, in key order, from the latest run that has it."""
+        self._compact()
         # Order matters: later runs win. Sorted sources (the previous version) come first.
         runs: list[Iterable[Record]] = [
             *(source() for source in self._sources), *self._memory, *(self._read(path) for path in self._files)
@@ -81,6 +145,9 @@ class SortedRuns:
         if len(runs) == 1:
             yield from runs[0]
             return
+        yield from self._merge(runs)
+
+    def _merge(self, runs: list[Iterable[Record]]) -> Iterator[Record]:
         # Merge on (key, -run): the latest run's record of a key comes first; the rest are dropped.
         def tag(index: int, run: Iterable[Record]) -> Iterator[tuple[tuple[Any, int], Record]]:
             for record in run:
@@ -145,6 +212,9 @@ def render_document(
             digest.update(block)
             out.write(block)
             size += len(block)
+    except orjson.JSONEncodeError as exc:
+        out.close()
+        raise BadRecord(f"record #{count} cannot be stored: {exc}") from exc
     except BaseException:
         out.close()
         raise
@@ -157,7 +227,7 @@ def write_ndjson(records: Iterable[Record], *, directory: str | None = None) -> 
     size = count = 0
     out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=directory)
     for record in records:
-        line = orjson.dumps(record, option=orjson.OPT_SORT_KEYS) + b"\n"
+        line = encode_record(record, count, option=orjson.OPT_SORT_KEYS) + b"\n"
         digest.update(line)
         out.write(line)
         size += len(line)

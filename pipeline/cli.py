@@ -30,8 +30,10 @@ app = typer.Typer(help="Multi-tenant sync pipeline with blob-stored results.", n
                   pretty_exceptions_enable=False)
 company_app = typer.Typer(help="Manage companies (tenants).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect, cancel and retry sync jobs.", no_args_is_help=True)
+secrets_app = typer.Typer(help="Tenant secrets encrypted at rest (PIPELINE_SECRETS_KEY).", no_args_is_help=True)
 app.add_typer(company_app, name="company")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(secrets_app, name="secrets")
 
 out = Console()
 err = Console(stderr=True)
@@ -110,7 +112,8 @@ def company_add(
     parsed_toggles = parse_json(toggles, "--toggles")
     with runtime() as rt:
         company = add_company(rt.engine, name=name, connector=connector, config=parsed_config,
-                              toggles=parsed_toggles, external_id=external_id, enabled=not disabled)
+                              toggles=parsed_toggles, external_id=external_id, enabled=not disabled,
+                              context=rt.connector_context, secrets=rt.secrets)
     out.print(company.id)
 
 
@@ -126,6 +129,41 @@ def company_list() -> None:
         table.add_row(str(c.id), c.name, c.external_id or "", c.connector, "on" if c.sync_enabled else "off",
                       json.dumps(c.feature_toggles, sort_keys=True))
     out.print(table)
+
+
+@company_app.command("show")
+def company_show(company_id: int) -> None:
+    """Print one company as JSON; its secrets show as "***"."""
+    from pipeline.companies import get_company
+    from pipeline.secrets import redact
+
+    with runtime() as rt:
+        c = get_company(rt.engine, company_id)
+    out.print_json(json.dumps({
+        "id": c.id, "name": c.name, "external_id": c.external_id, "connector": c.connector,
+        "enabled": c.sync_enabled, "config": redact(c.connector_config or {}), "toggles": c.feature_toggles or {},
+    }), highlight=False)
+
+
+@secrets_app.command("keygen")
+def secrets_keygen() -> None:
+    """Print a new Fernet key: put it FIRST in PIPELINE_SECRETS_KEY, then run `pipeline secrets rotate`."""
+    from cryptography.fernet import Fernet
+
+    out.print(Fernet.generate_key().decode(), highlight=False)
+
+
+@secrets_app.command("rotate")
+def secrets_rotate() -> None:
+    """Re-encrypt every stored secret under the first key of PIPELINE_SECRETS_KEY (one transaction).
+
+    Afterwards the other keys can be removed from PIPELINE_SECRETS_KEY.
+    """
+    from pipeline.secrets import rotate_stored_secrets
+
+    with runtime() as rt:
+        count, companies = rotate_stored_secrets(rt.engine, rt.secrets)
+    err.print(f"re-encrypted {count} secret(s) of {companies} company(ies) under the first key")
 
 
 @company_app.command("set-toggles")
@@ -146,8 +184,8 @@ def company_set_config(company_id: int, config: str) -> None:
 
     parsed = parse_json(config, "config")
     with runtime() as rt:
-        update_company(rt.engine, company_id, config=parsed)
-    err.print(f"config of company {company_id} updated")
+        update_company(rt.engine, company_id, config=parsed, context=rt.connector_context, secrets=rt.secrets)
+    err.print(f"config of company {company_id} updated (secrets it omits are kept)")
 
 
 @company_app.command("enable")
@@ -194,23 +232,24 @@ def run_sync(
     wait: bool,
     trigger: str = "cli",
 ) -> JobProgress | None:
-    """Plan a job; on the embedded default run it in-process, else optionally wait for it."""
+    """Submit a job to the coordinator; on the embedded default run it in-process, else optionally wait for it."""
     from actors.broker import make_broker
     from actors.tasks import declare_actors
-    from pipeline.planning import plan_job
+    from pipeline.planning import create_job
 
     broker = make_broker(rt.settings)
     actors = declare_actors(broker, rt)
     try:
-        planned = plan_job(rt.engine, actors, trigger=trigger, mode=mode, company_ids=companies,
-                           resources=resources, partitions=partitions)
-        assert planned is not None
-        out.print(str(planned.job_id))
-        err.print(f"planned {planned.total_tasks} task(s) for {planned.companies} company(ies): "
-                  f"{', '.join(f'{k}×{v}' for k, v in sorted(planned.partitions_by_resource.items()))}")
+        with rt.engine.begin() as conn:
+            submitted = create_job(conn, trigger=trigger, mode=mode, company_ids=companies, resources=resources,
+                                   partitions=partitions)
+        assert submitted is not None  # no tick key: never a duplicate
+        actors.coordinate(submitted.job_id, priority=submitted.priority)
+        out.print(str(submitted.job_id))
+        err.print(f"submitted job {submitted.job_id}: the coordinator plans its tasks")
         if rt.settings.broker_url and not wait:
             return None
-        return watch_job(rt, broker, planned.job_id, total_hint=planned.total_tasks)
+        return watch_job(rt, broker, submitted.job_id, total_hint=0)
     finally:
         broker.close()
 
@@ -259,6 +298,11 @@ def worker(
         raise fail("PIPELINE_BROKER_URL is not set: workers need RabbitMQ (the embedded default runs "
                    "work inside `pipeline sync` / `pipeline demo`)")
     threads = threads or s.worker_threads
+    from pipeline.secrets import check_stored_secrets
+
+    with runtime() as rt:
+        # Workers decrypt tenants' secrets: a missing or wrong key stops them here, named.
+        check_stored_secrets(rt.engine, rt.secrets)
     # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
     # this variable when it is first imported).
     os.environ["dramatiq_queue_prefetch"] = str(threads)

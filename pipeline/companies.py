@@ -1,4 +1,9 @@
-"""Companies (tenants): create, list, update — with the connector config validated first."""
+"""Companies (tenants): create, list, update — with the connector config validated first.
+
+Before a config is stored, its secrets are encrypted (``pipeline.secrets``) and it is checked
+against what the operator allows (``ConnectorContext``: environment variable prefix, upstream
+addresses). Both default to the strictest: no key (so no inline secret), public addresses only.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,38 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
 from connectors import registry
+from connectors.base import ConnectorContext
 from pipeline.db import transaction
 from pipeline.errors import ConfigError, NotFound
 from pipeline.models import Company, utcnow
+from pipeline.secrets import SecretBox, keep_stored_secrets, refuse_sealed_input, seal_config, unseal
+
+
+def prepare_config(
+    connector: str,
+    config: Mapping[str, Any],
+    *,
+    stored: Mapping[str, Any] | None = None,
+    context: ConnectorContext | None = None,
+    secrets: SecretBox | None = None,
+) -> dict[str, Any]:
+    """Validate ``config`` for ``connector`` and return what to store: its secrets sealed.
+
+    ``stored`` is the config being replaced: the secrets ``config`` omits (or sends as ``"***"``)
+    are kept from it.
+
+    Raises:
+        ConfigError: a bad key (named), a variable or address the operator does not allow, an
+            inline secret without ``PIPELINE_SECRETS_KEY``.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
+    box = secrets or SecretBox(None)
+    refuse_sealed_input(config)
+    merged = keep_stored_secrets(config, stored) if stored else dict(config)
+    plain = unseal(merged, box)
+    paths = registry.validate(connector, plain, context=context)
+    return seal_config(plain, paths, box)
 
 
 class DuplicateCompany(ConfigError):
@@ -66,19 +100,21 @@ def add_company(
     toggles: Mapping[str, Any] | None = None,
     external_id: str | None = None,
     enabled: bool = True,
+    context: ConnectorContext | None = None,
+    secrets: SecretBox | None = None,
 ) -> Company:
-    """Create a company after validating its connector config.
+    """Create a company after validating its connector config (see ``prepare_config``).
 
     Raises:
-        ConfigError: empty name, unknown connector, a bad config key (named), bad toggles,
-            or a duplicate external id.
+        ConfigError: empty name, unknown connector, a bad config key (named), a variable or
+            address not allowed, bad toggles, or a duplicate external id.
     """
     if not name.strip():
         raise ConfigError("company name must not be empty")
     _refuse_nul(name=name, config=config, toggles=toggles, external_id=external_id)
-    registry.validate(connector, config)
+    stored = prepare_config(connector, config, context=context, secrets=secrets)
     company = Company(
-        name=name.strip(), connector=connector, connector_config=dict(config),
+        name=name.strip(), connector=connector, connector_config=stored,
         feature_toggles=validate_toggles(toggles or {}), external_id=external_id, sync_enabled=enabled,
     )
     try:
@@ -110,8 +146,11 @@ def update_company(
     config: Mapping[str, Any] | None = None,
     toggles: Mapping[str, Any] | None = None,
     enabled: bool | None = None,
+    context: ConnectorContext | None = None,
+    secrets: SecretBox | None = None,
 ) -> Company:
-    """Change a company; a new config is validated against its connector before it is stored."""
+    """Change a company; a new config is validated against its connector before it is stored,
+    keeping the stored secrets it omits (see ``prepare_config``)."""
     _refuse_nul(name=name, config=config, toggles=toggles)
     with transaction(engine) as session:
         company = session.get(Company, company_id, with_for_update=True)
@@ -122,8 +161,9 @@ def update_company(
                 raise ConfigError("company name must not be empty")
             company.name = name.strip()
         if config is not None:
-            registry.validate(company.connector, config)
-            company.connector_config = dict(config)
+            company.connector_config = prepare_config(
+                company.connector, config, stored=company.connector_config or {}, context=context, secrets=secrets
+            )
         if toggles is not None:
             company.feature_toggles = validate_toggles(toggles)
         if enabled is not None:

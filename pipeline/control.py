@@ -9,6 +9,7 @@ transaction — rolled back, so nothing is half-published.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections import Counter
@@ -22,13 +23,15 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline import metrics
+from pipeline.cleanup import id_in
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import NotFound, PipelineError
 from pipeline.jobs import log
-from pipeline.models import FINISHED, JOB_LOG, JOBS, TASKS, Company, utcnow
-from pipeline.planning import PlannedJob, plan_job
+from pipeline.models import FINISHED, JOB_LOG, JOBS, TASKS, Company, job_status, utcnow
+from pipeline.planning import SubmittedJob, create_job
 from pipeline.progress import JobProgress
 
+logger = logging.getLogger(__name__)
 UNFINISHED = ("pending", "processing")
 # pg_advisory_xact_lock key serialising "check the cap, then plan" across API processes.
 SUBMIT_LOCK_KEY = 0x5059_4E43_5355_424D  # "PYNCSUBM"
@@ -121,7 +124,8 @@ def progress_view(progress: JobProgress, now: datetime | None = None) -> Progres
 def job_progress_of(row: Any) -> JobProgress:
     """The ``JobProgress`` of a ``sync_jobs`` row."""
     return JobProgress(
-        job_id=row.id, status=row.status, total_tasks=row.total_tasks, completed_tasks=row.completed_tasks,
+        job_id=row.id, status=job_status(row.status, row.planned_at), total_tasks=row.total_tasks,
+        completed_tasks=row.completed_tasks,
         failed_tasks=row.failed_tasks, cancelled_tasks=row.cancelled_tasks,
         processed_records=row.processed_records, started_at=row.started_at, completed_at=row.completed_at,
         error=row.error_message,
@@ -130,7 +134,7 @@ def job_progress_of(row: Any) -> JobProgress:
 
 def summary_of(row: Any, now: datetime | None = None) -> JobSummary:
     return JobSummary(
-        id=row.id, status=row.status, mode=row.mode, trigger=row.trigger,
+        id=row.id, status=job_status(row.status, row.planned_at), mode=row.mode, trigger=row.trigger,
         progress=progress_view(job_progress_of(row), now), created_at=row.created_at,
         started_at=row.started_at, completed_at=row.completed_at, error=row.error_message,
     )
@@ -171,7 +175,8 @@ def check_job_cap(conn: Connection, *, company_ids: Sequence[int] | None, cap: i
             raise TooManyJobs(f"{for_everyone} unfinished job(s) already cover every company (limit {cap})")
         candidates = [c for c, n in per_company.items() if for_everyone + n >= cap]
         targets = set(conn.execute(
-            select(Company.id).where(Company.id.in_(candidates), Company.sync_enabled.is_(True))
+            select(Company.id).where(id_in(conn.engine, Company.__table__.c.id, candidates),
+                                     Company.sync_enabled.is_(True))
         ).scalars()) if candidates else set()
     over = sorted(c for c in targets if for_everyone + per_company[c] >= cap)
     if over:
@@ -190,38 +195,73 @@ def submit_job(
     resources: Sequence[str] | None = None,
     partitions: Sequence[str] | None = None,
     priority: str | None = None,
-) -> PlannedJob:
-    """Plan a job unless a company in scope is at the unfinished-jobs cap, then enqueue its tasks.
+) -> SubmittedJob:
+    """Submit a job unless a company in scope is at the unfinished-jobs cap, then send its
+    ``coordinate_sync`` message: the coordinator actor plans its tasks (status "planning" until then).
 
-    The check and the plan are serialised (a lock per process, plus on PostgreSQL an advisory
-    lock across processes), so concurrent requests cannot overshoot the cap. Messages are sent
-    after the locks are released.
+    The check and the job's insert are serialised (a lock per process, plus on PostgreSQL an
+    advisory lock across processes), so concurrent requests cannot overshoot the cap. The
+    message is sent after the locks are released; if it is lost, the sweeper re-sends it.
 
     Raises:
         TooManyJobs: a company in scope already has ``max_unfinished`` unfinished jobs.
-        NotFound / ConfigError: as ``pipeline.planning.plan_job``.
+        NotFound / ConfigError: as ``pipeline.planning.create_job``.
     """
-    def plan() -> PlannedJob | None:
-        return plan_job(engine, None, trigger=trigger, mode=mode, company_ids=company_ids,
-                        resources=resources, partitions=partitions, priority=priority)
+    with _submit_lock, engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # held until this transaction ends: after the job is committed
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
+        check_job_cap(conn, company_ids=company_ids, cap=max_unfinished)
+        submitted = create_job(conn, trigger=trigger, mode=mode, company_ids=company_ids, resources=resources,
+                               partitions=partitions, priority=priority)
+    assert submitted is not None  # no tick key: never a duplicate
+    if dispatcher is not None:
+        send_coordinate(engine, dispatcher, submitted.job_id, priority=submitted.priority)
+    return submitted
 
-    postgres = engine.dialect.name == "postgresql"
-    planned = None
-    with _submit_lock:
-        with engine.begin() as conn:
-            if postgres:  # held until this transaction ends: after the job below is committed
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
-            check_job_cap(conn, company_ids=company_ids, cap=max_unfinished)
-            if postgres:
-                planned = plan()
-        if not postgres:
-            # SQLite has one writer at a time: plan once the check's transaction is over (the
-            # process lock still serialises this process's submissions).
-            planned = plan()
-    assert planned is not None  # no tick key: never a duplicate
-    if dispatcher is not None and planned.task_ids:
-        dispatcher.enqueue(planned.task_ids, priority=planned.priority)
-    return planned
+
+def send_coordinate(engine: Engine, dispatcher: Dispatcher, job_id: uuid.UUID, *, priority: str) -> bool:
+    """Send a committed job's ``coordinate_sync`` message; if the broker refuses, say so and carry on.
+
+    As for ``send_committed``: the job stands, and the sweeper re-sends the coordinator message
+    of a job still planning past the grace period. Returns whether the message was sent.
+    """
+    try:
+        dispatcher.coordinate(job_id, priority=priority)
+    except Exception as exc:  # whatever the broker raised, the committed job stands
+        logger.warning("job %s: could not send its coordinator message, the sweeper will: %s", job_id, exc)
+        try:
+            with engine.begin() as conn:
+                log(conn, job_id, None, "warning",
+                    f"the coordinator message could not be sent ({type(exc).__name__}); the sweeper will send it",
+                    {"event": "enqueue_failed", "tasks": 0})
+        except Exception:
+            logger.exception("job %s: could not log the failed enqueue", job_id)
+        return False
+    return True
+
+
+def send_committed(
+    engine: Engine, dispatcher: Dispatcher, job_id: uuid.UUID, task_ids: Sequence[int], *, priority: str
+) -> bool:
+    """Enqueue the messages of committed tasks; if the broker refuses, say so and carry on.
+
+    The job is committed: answering an error would make the client retry and create a duplicate
+    job (defect 14), while the sweeper delivers pending tasks whose messages never went out.
+    Returns whether the messages were sent.
+    """
+    try:
+        dispatcher.enqueue(task_ids, priority=priority)
+    except Exception as exc:  # whatever the broker raised, the committed job stands
+        logger.warning("job %s: could not enqueue %s task(s), the sweeper will: %s", job_id, len(task_ids), exc)
+        try:
+            with engine.begin() as conn:
+                log(conn, job_id, None, "warning",
+                    f"messages for {len(task_ids)} task(s) could not be sent ({type(exc).__name__}); "
+                    "the sweeper will send them", {"event": "enqueue_failed", "tasks": len(task_ids)})
+        except Exception:
+            logger.exception("job %s: could not log the failed enqueue", job_id)
+        return False
+    return True
 
 
 # --- cancel and retry ---------------------------------------------------------------------------
@@ -317,7 +357,7 @@ def retry_job(
              "cancelled": before["cancelled"]})
     task_ids.sort()
     if dispatcher is not None:
-        dispatcher.enqueue(task_ids, priority=job.priority)
+        send_committed(engine, dispatcher, job_id, task_ids, priority=job.priority)
     return RetryResult(job_id=job_id, status="processing", retried_tasks=len(task_ids), priority=job.priority)
 
 

@@ -10,16 +10,17 @@ garbage collector (``pipeline.cleanup``) deletes unreferenced objects under the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline import metrics
-from pipeline.assembly import SPOOL_BYTES, RenderedDocument, read_ndjson
+from pipeline.assembly import SPOOL_BYTES, RenderedDocument, encode_record, read_ndjson
+from pipeline.errors import VersionChanged
 from pipeline.jobs import Claim, complete_task
 from pipeline.models import CURSORS, DATASETS, utcnow
 from pipeline.runtime import Runtime
@@ -44,15 +45,35 @@ def staging_prefix(task_id: int) -> str:
     return f"{STAGING_PREFIX}/{task_id}/"
 
 
-def stage_chunk(store: BlobStore, task_id: int, index: int, records: Iterable[Any]) -> None:
-    """Write one chunk's records as NDJSON; re-staging the same index replaces it."""
-    body = b"".join(orjson.dumps(record) + b"\n" for record in records)
-    store.put(f"{staging_prefix(task_id)}{index:06d}.ndjson", body, content_type="application/x-ndjson")
+def staging_key(task_id: int, token: str, index: int) -> str:
+    """Where one claim stages chunk ``index`` of a task: under the claim's fencing token, so a
+    worker that lost its lease never overwrites a part the live lineage recorded (defect 1)."""
+    return f"{staging_prefix(task_id)}{token}/{index:06d}.ndjson"
 
 
-def staged_part(store: BlobStore, task_id: int, index: int) -> Iterator[Any]:
-    """Stream the records of one staged chunk."""
-    return read_ndjson(store.open(f"{staging_prefix(task_id)}{index:06d}.ndjson"))
+def legacy_staging_key(task_id: int, index: int) -> str:
+    """Where chunks were staged before keys carried the claim's token (read, never written)."""
+    return f"{staging_prefix(task_id)}{index:06d}.ndjson"
+
+
+def stage_chunk(store: BlobStore, key: str, records: Iterable[Any]) -> None:
+    """Write one chunk's records as NDJSON at ``key`` (see ``staging_key``).
+
+    Raises:
+        BadRecord: a record cannot be encoded (an integer beyond 64 bits, a lone surrogate).
+    """
+    body = b"".join(encode_record(record, position) + b"\n" for position, record in enumerate(records))
+    store.put(key, body, content_type="application/x-ndjson")
+
+
+def staged_part(store: BlobStore, key: str) -> Iterator[Any]:
+    """Stream the records of one staged part."""
+    return read_ndjson(store.open(key))
+
+
+def document_key_of(records_key: str) -> str:
+    """The document key a raw-records sidecar belongs to."""
+    return records_key.removesuffix(".records.ndjson") + ".json"
 
 
 def records_key(storage_key: str) -> str:
@@ -127,6 +148,9 @@ def publish(
     chunks: int,
     raw_records: RenderedDocument | None = None,
     bookmark: str | None = None,
+    expected_checksum: str | None = None,
+    check_version: bool = False,
+    reader: Callable[[BinaryIO], BinaryIO] | None = None,
 ) -> Published:
     """Store ``document`` as the partition's current version and complete the task, atomically.
 
@@ -137,10 +161,17 @@ def publish(
     ``raw_records`` (incremental resources) is stored beside the document so the next
     incremental sync can merge into it.
 
+    ``check_version``: compare-and-swap — publish only if the partition's current checksum is
+    still ``expected_checksum`` (``None``: no version), the one the attempt's lineage started
+    from, or already equals this document's (defect 7). ``reader`` wraps the spooled files for
+    the upload (the attempt's heartbeat).
+
     Raises:
         LeaseLost / TaskCancelled: the transaction is rolled back and nothing is published.
+        VersionChanged: another task published the partition since the lineage started.
         StorageError: an upload failed; nothing was committed.
     """
+    wrap = reader or (lambda file: file)
     checksum = document.checksum
     key = storage_key(claim.company_id, claim.resource, claim.partition, checksum)
     where = (
@@ -152,9 +183,9 @@ def publish(
 
     def upload() -> None:
         if raw_records is not None:
-            rt.store.put(records_key(key), raw_records.open(), length=raw_records.size,
+            rt.store.put(records_key(key), wrap(raw_records.open()), length=raw_records.size,
                          content_type="application/x-ndjson", metadata={"sha256": raw_records.checksum})
-        rt.store.put(key, document.open(), length=document.size, metadata=metadata)
+        rt.store.put(key, wrap(document.open()), length=document.size, metadata=metadata)
 
     # A small document on PostgreSQL is uploaded under the partition's lock, inside the
     # publishing transaction: the collector cannot delete it before the pointer commits, which
@@ -173,6 +204,10 @@ def publish(
     with rt.engine.begin() as conn:
         lock_partition(conn, claim.company_id, claim.resource, claim.partition)
         current = conn.execute(select(DATASETS.c.checksum_sha256).where(where)).scalar_one_or_none()
+        if check_version and current not in (expected_checksum, checksum):
+            raise VersionChanged(
+                f"partition {claim.company_id}/{claim.resource}/{claim.partition} was published by another task "
+                f"after this sync started (version {expected_checksum or 'none'} → {current}); starting over")
         if current == checksum:
             conn.execute(update(DATASETS).where(where).values(synced_at=now))
         else:

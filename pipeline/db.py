@@ -19,8 +19,18 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+PREPARE_THRESHOLD = 2
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout for concurrent writers."""
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout for concurrent writers.
+
+    PostgreSQL engines ping a pooled connection before handing it out unless ``pool_pre_ping=False``
+    — the workers' choice (``Runtime.from_settings(..., pre_ping=False)``): a ping is one more
+    round trip per transaction, and a connection broken by a database restart fails its first
+    statement instead, which makes SQLAlchemy discard the whole pool (every connection opened
+    before the error reconnects on its next checkout) while the attempt's outage is retried.
+    """
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
@@ -44,7 +54,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    # psycopg 3 prepares a statement server-side once it has run this many times on a connection:
+    # the worker's few hot statements (claim, publish) are parsed and planned once per connection.
+    connect_args = {"prepare_threshold": PREPARE_THRESHOLD, **kwargs.pop("connect_args", {})}
+    return create_engine(url, connect_args=connect_args, **kwargs)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -15,6 +16,10 @@ class Dispatcher(Protocol):
 
     def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
         """Send one message per id on the queue for ``priority`` ("high" or "normal")."""
+        ...
+
+    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
+        """Send one ``coordinate_sync(job_id)`` message: a worker plans the job's tasks and sends them."""
         ...
 
     def backlog(self) -> int | None:

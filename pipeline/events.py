@@ -1,7 +1,9 @@
 """Live job events: the feed behind ``GET /sync/jobs/{id}/events`` and ``pipeline sync --wait``.
 
-On PostgreSQL, triggers (migration 0002) ``pg_notify('job_events', json)`` on every task
-transition or chunk step and on every change of a job's status or counters. One process holds
+On PostgreSQL, triggers (migrations 0002, 0004) ``pg_notify('job_events', json)`` on every task
+transition or chunk step and on every change of a job's status or counters, one notification per
+transaction and task: a job notification carries, under ``task``, the task transition committed
+with it. One process holds
 ONE listening connection (``PostgresJobFeed``) and fans notifications out to its subscribers
 through asyncio queues, so a thousand watchers cost no more database work than one. The SQLite
 embedded mode has no NOTIFY: ``PollingJobFeed`` re-reads the job instead.
@@ -123,8 +125,9 @@ def progress_from_notification(note: Notification) -> JobProgress:
     )
 
 
-def task_from_notification(note: Notification) -> TaskView:
-    data = note.data
+def task_from_notification(note: Notification, data: dict[str, Any] | None = None) -> TaskView:
+    """The task of a task notification, or ``data``: the task a job notification carries."""
+    data = note.data if data is None else data
     return TaskView(
         id=data["task_id"], company_id=data["company_id"], resource=data["resource"],
         partition=data["partition"], status=data["status"], attempts=data["attempts"],
@@ -422,7 +425,10 @@ async def job_event_stream(
             elif item.kind == "task":
                 events = [tracker.task(task_from_notification(item))]
             else:
-                events = [tracker.job(progress_from_notification(item))]
+                # A job notification carries the task transition of the same transaction (migration 0004).
+                task = item.data.get("task")
+                events = [tracker.task(task_from_notification(item, task))] if isinstance(task, dict) else []
+                events.append(tracker.job(progress_from_notification(item)))
             for event in events:
                 if event is not None:
                     idle_since = time.monotonic()

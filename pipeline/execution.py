@@ -15,29 +15,37 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from connectors import registry
 from connectors.base import Connector, FetchRequest, RateLimiter, Record, ResourceSpec, resource_spec
 from connectors.transforms import get_transform, sort_key
 from pipeline import metrics
-from pipeline.assembly import SortedRuns, read_ndjson, render_document, write_ndjson
-from pipeline.datasets import current_version, publish, records_key, remove_staging, stage_chunk, staged_part
+from pipeline.assembly import SortedRuns, check_records, read_ndjson, render_document, write_ndjson
+from pipeline.attempt import Attempt
+from pipeline.datasets import (
+    current_version,
+    legacy_staging_key,
+    publish,
+    records_key,
+    remove_staging,
+    staged_part,
+)
 from pipeline.errors import (
-    ChecksumMismatch,
-    ConfigError,
-    ConnectorError,
+    DatabaseUnavailable,
+    FailureKind,
     LeaseLost,
-    ObjectMissing,
     PipelineError,
-    StorageError,
     TaskCancelled,
     UpstreamError,
+    VersionChanged,
+    classify,
 )
-from pipeline.jobs import Claim, claim_task, hand_off, record_attempt_failure, save_progress
+from pipeline.jobs import Claim, claim_task, clean_text
 from pipeline.models import CURSORS
 from pipeline.runtime import Runtime
+from pipeline.secrets import unseal
 
 logger = logging.getLogger(__name__)
 
@@ -46,38 +54,56 @@ class Outcome(enum.Enum):
     SKIPPED = "skipped"          # not claimable: finished, cancelled, or leased by a live worker
     COMPLETED = "completed"
     CONTINUE = "continue"        # out of budget; a continuation message must be sent
-    FAILED = "failed"            # failed for good (non-retryable error or attempts exhausted)
+    FAILED = "failed"            # failed for good (permanent error, attempts or outage time used up)
     CANCELLED = "cancelled"
     LEASE_LOST = "lease_lost"
 
 
 class RetryTask(PipelineError):
-    """Raised to the broker so that its retry middleware re-sends the message with backoff."""
+    """Raised to the broker so that its retry middleware re-sends the message with backoff.
+
+    Its kind is the failure's: the broker's retry policy keeps retrying outages (bounded by
+    ``PIPELINE_OUTAGE_RETRY_S``) and gives up on the rest after a few retries.
+    """
 
 
 def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, UpstreamError):
-        return exc.retryable
-    # A bad config or an unknown resource will not fix itself between attempts.
-    return not isinstance(exc, ConfigError | ConnectorError)
+    """Another attempt may succeed (the failure is not permanent)."""
+    return classify(exc) is not FailureKind.PERMANENT
 
 
 def is_outage(exc: BaseException) -> bool:
     """A service we depend on is unreachable (blob storage, the database): not the task's fault.
 
-    Such a failure costs the task no attempt, and the broker keeps retrying it (with capped
-    backoff) for as long as the outage lasts. A missing or corrupt object is not an outage.
+    Such a failure costs the task no attempt, and is retried for at most
+    ``PIPELINE_OUTAGE_RETRY_S``. A missing or corrupt object is not an outage.
     """
-    if isinstance(exc, StorageError):
-        return not isinstance(exc, ObjectMissing | ChecksumMismatch)
-    return isinstance(exc, OperationalError | InterfaceError)
+    return classify(exc) is FailureKind.OUTAGE
 
 
 def describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     if not isinstance(exc, PipelineError):
         text = f"{type(exc).__name__}: {text}"
-    return text[:2000]
+    return clean_text(text)
+
+
+def database_failure(rt: Runtime, exc: SQLAlchemyError) -> PipelineError:
+    """Classify a database error where it surfaced, by asking the database.
+
+    If a fresh connection cannot run ``SELECT 1`` the database is down: an outage. Otherwise the
+    statement itself was refused (a ``DataError`` on text PostgreSQL cannot store, too many bind
+    parameters, a constraint): that is this attempt's failure and spends an attempt.
+    """
+    try:
+        with rt.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError:
+        failure: PipelineError = DatabaseUnavailable(f"database unavailable: {describe(exc)}")
+    else:
+        failure = PipelineError(f"database refused a statement: {describe(exc)}")
+    failure.__cause__ = exc
+    return failure
 
 
 def run_task(
@@ -92,20 +118,32 @@ def run_task(
     ``should_stop`` is checked at every chunk boundary: when it answers true (the worker is
     shutting down) the cursor is saved and the task handed off, as when the budget is spent.
 
+    Every failure is classified (``errors.classify``) and ends in one of: an outage (released
+    without spending an attempt, until ``PIPELINE_OUTAGE_RETRY_S`` is used up), a retryable
+    failure (an attempt spent; the last one fails the task), a permanent failure (the task
+    fails now). Even a ``BaseException`` (the message time limit) is recorded before it goes on.
+
     Raises:
         RetryTask: the attempt failed and another is allowed; the broker retries with backoff.
     """
     settings = rt.settings
-    claim = claim_task(rt.engine, task_id, lease_s=settings.lease_seconds)
+    try:
+        claim = claim_task(rt.engine, task_id, lease_s=settings.lease_seconds, max_attempts=settings.max_attempts)
+    except SQLAlchemyError as exc:
+        # Nothing is claimed, so nothing can be recorded: the broker retries (an outage for as
+        # long as PIPELINE_OUTAGE_RETRY_S), then the sweeper re-sends the task.
+        failure = database_failure(rt, exc)
+        raise RetryTask(str(failure), kind=failure.kind) from exc
     if claim is None:
         return Outcome.SKIPPED
     started = time.monotonic()
-    deadline = started + settings.task_time_budget_s
+    attempt = Attempt.start(rt, claim, should_stop=should_stop)
     try:
-        connector = registry.build(claim.connector, claim.connector_config, limiter=limiter,
-                                   on_response=metrics.upstream_counter(claim.connector))
+        connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
+                                   on_response=metrics.upstream_counter(claim.connector),
+                                   context=rt.connector_context)
         try:
-            outcome = _run(rt, claim, connector, deadline, should_stop or _never)
+            outcome = _run(attempt, connector)
             metrics.task_run(claim.resource, outcome.value, started)
             return outcome
         finally:
@@ -117,48 +155,72 @@ def run_task(
     except LeaseLost as exc:
         logger.warning("%s", exc)
         return Outcome.LEASE_LOST
-    except SQLAlchemyError:
-        # The database is unreachable: nothing can be recorded. The broker retries the message;
-        # if it gives up, the sweeper re-sends the task once its lease expires.
-        raise
+    except SQLAlchemyError as exc:
+        return _failed(attempt, database_failure(rt, exc), started)
     except Exception as exc:
-        message = describe(exc)
-        if is_outage(exc):
-            # Blob storage is down: release the task without spending an attempt and let the
-            # broker retry; a 30 s outage must not fail every task that reached it.
-            logger.warning("task %s: blob storage unavailable, will retry: %s", task_id, message)
-            try:
-                hand_off(rt.engine, claim, note=f"blob storage unavailable, will retry: {message}")
-            except TaskCancelled:
-                return Outcome.CANCELLED
-            except LeaseLost:
-                return Outcome.LEASE_LOST
-            raise RetryTask(message) from exc
-        final = not is_retryable(exc) or claim.attempts >= settings.max_attempts
-        logger.warning("task %s attempt %s failed (%s): %s", task_id, claim.attempts,
-                       "final" if final else "will retry", message)
+        return _failed(attempt, exc, started)
+    except BaseException as exc:
+        # The message time limit (a BaseException) or an interpreter exit: spend the attempt
+        # while we still can, then let it go on. A kill -9 is caught by the next claim instead.
         try:
-            record_attempt_failure(rt.engine, claim, message, final=final)
-        except TaskCancelled:
-            return Outcome.CANCELLED
-        except LeaseLost:
-            return Outcome.LEASE_LOST
-        metrics.task_run(claim.resource, Outcome.FAILED.value if final else "retry", started)
-        if final:
-            return Outcome.FAILED
-        raise RetryTask(message) from exc
+            attempt.fail(f"interrupted: {describe(exc)}", final=claim.attempts >= settings.max_attempts)
+        except Exception:  # the original interruption matters more
+            logger.exception("task %s: could not record the interruption", task_id)
+        raise
 
 
-def _never() -> bool:
-    return False
+def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
+    """Record a failed attempt by its kind; return the outcome or raise ``RetryTask``."""
+    claim, settings = attempt.claim, attempt.rt.settings
+    task_id = claim.task_id
+    message = describe(exc)
+    kind = classify(exc)
+    try:
+        if kind is FailureKind.OUTAGE:
+            if isinstance(exc, DatabaseUnavailable):
+                # Nothing can be recorded. The broker retries the message; if it gives up, the
+                # sweeper re-sends the task once its lease expires.
+                raise RetryTask(message, kind=FailureKind.OUTAGE) from exc
+            state = dict(claim.fetch_state or {})
+            since = float(state.get("outage_since") or time.time())
+            if time.time() - since <= settings.outage_retry_s:
+                # Blob storage is down: release the task without spending an attempt; a 30 s
+                # outage must not fail every task that reached it.
+                logger.warning("task %s: blob storage unavailable, will retry: %s", task_id, message)
+                state["outage_since"] = since
+                attempt.hand_off(f"blob storage unavailable, will retry: {message}", fetch_state=state)
+                raise RetryTask(message, kind=FailureKind.OUTAGE) from exc
+            message = (f"blob storage unavailable for more than {settings.outage_retry_s:g}s "
+                       f"(PIPELINE_OUTAGE_RETRY_S); giving up: {message}")
+            final = True
+        else:
+            final = kind is FailureKind.PERMANENT or claim.attempts >= settings.max_attempts
+        logger.warning("task %s attempt %s failed (%s, %s): %s", task_id, claim.attempts, kind.value,
+                       "final" if final else "will retry", message)
+        attempt.fail(message, final=final, restart=isinstance(exc, VersionChanged))
+    except TaskCancelled:
+        return Outcome.CANCELLED
+    except LeaseLost:
+        return Outcome.LEASE_LOST
+    metrics.task_run(claim.resource, Outcome.FAILED.value if final else "retry", started)
+    if final:
+        return Outcome.FAILED
+    raise RetryTask(message, kind=kind) from exc
 
 
-def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, should_stop: Callable[[], bool]) -> Outcome:
+def _run(attempt: Attempt, connector: Connector) -> Outcome:
+    rt, claim = attempt.rt, attempt.claim
     spec = resource_spec(connector, claim.resource)
     transform = get_transform(spec.transform)
     state: dict[str, Any] = dict(claim.fetch_state or {})
+    state.pop("outage_since", None)
+    # The lineage's base version (compare-and-swap at publish) and part list (defects 1, 7).
+    if "base" not in state and claim.chunks == 0:
+        state["base"] = claim.base_checksum
+    # A task staged before part lists existed resumes with the keys it used then.
+    parts: list[str] = list(state.get("parts", [legacy_staging_key(claim.task_id, i) for i in range(claim.chunks)]))
     base_key = _incremental_base(rt, claim, spec) if claim.mode == "incremental" else None
-    since = state.get("since") if state else (_bookmark(rt, claim) if base_key else None)
+    since = state.get("since") if "since" in state else (_bookmark(rt, claim) if base_key else None)
     if since is None:
         base_key = None  # no bookmark yet: this incremental sync fetches everything
     chunks = claim.chunks
@@ -168,19 +230,21 @@ def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, shoul
         chunk = connector.fetch(FetchRequest(
             company_id=claim.company_id, external_id=claim.external_id, resource=claim.resource,
             partition=claim.partition, state=state.get("cursor"), since=since, attempt=claim.attempts,
-            deadline=deadline,
+            deadline=attempt.deadline, lease_deadline=attempt.lease_deadline(),
         ))
+        check_records(chunk.records, spec.primary_key, first=fetched)
         fetched += len(chunk.records)
         if chunks == 0 and chunk.done:
             single = chunk.records  # one chunk: nothing to stage
             break
-        stage_chunk(rt.store, claim.task_id, chunks, chunk.records)
+        parts.append(attempt.stage(chunks, chunk.records))
         chunks += 1
-        state = {"cursor": chunk.state, "records": fetched, "done": chunk.done, "since": since}
-        save_progress(rt.engine, claim, fetch_state=state, chunks=chunks, lease_s=rt.settings.lease_seconds)
-        if not chunk.done and (time.monotonic() >= deadline or should_stop()):
-            reason = "worker stopping" if should_stop() else "time budget spent"
-            hand_off(rt.engine, claim, note=f"continuation after chunk {chunks} ({fetched} records so far; {reason})")
+        state = {**state, "cursor": _storable(chunk.state, "cursor"), "records": fetched, "done": chunk.done,
+                 "since": since, "parts": parts}
+        attempt.save(state, chunks)
+        if not chunk.done and (attempt.out_of_time() or attempt.should_stop()):
+            reason = "worker stopping" if attempt.should_stop() else "time budget spent"
+            attempt.hand_off(f"continuation after chunk {chunks} ({fetched} records so far; {reason})")
             return Outcome.CONTINUE
 
     runs = SortedRuns(spec.primary_key)
@@ -191,14 +255,20 @@ def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, shoul
         if single is not None:
             runs.add(single, spill=False)
         else:
-            for index in range(chunks):
-                runs.add(staged_part(rt.store, claim.task_id, index))
+            if len(parts) != chunks:
+                raise PipelineError(f"task {claim.task_id}: {chunks} chunks saved but {len(parts)} parts recorded "
+                                    "(state written before parts were recorded); starting over",
+                                    kind=FailureKind.RETRYABLE)
+            for key in parts:
+                runs.add(attempt.beating(staged_part(rt.store, key)))
         bookmark = _Bookmark(spec.incremental_field)
         document = render_document(transform, claim.company_id, claim.resource, claim.partition,
-                                   lambda: bookmark.track(runs.merged()))
+                                   lambda: bookmark.track(attempt.beating(runs.merged())))
         if spec.incremental_field:
-            raw = write_ndjson(runs.merged())
-        publish(rt, claim, document, chunks=max(chunks, 1), raw_records=raw, bookmark=bookmark.value)
+            raw = write_ndjson(attempt.beating(runs.merged()))
+        publish(rt, claim, document, chunks=max(chunks, 1), raw_records=raw,
+                bookmark=_storable(bookmark.value, "bookmark"), expected_checksum=state.get("base"),
+                check_version="base" in state, reader=attempt.reader)
     finally:
         runs.close()
         for spooled in (document, raw):
@@ -207,6 +277,35 @@ def _run(rt: Runtime, claim: Claim, connector: Connector, deadline: float, shoul
     if chunks:
         remove_staging(rt.store, claim.task_id)
     return Outcome.COMPLETED
+
+
+def _storable(value: Any, what: str) -> Any:
+    """``value`` if PostgreSQL can store it (no NUL, no lone surrogate in any string).
+
+    Raises:
+        UpstreamError: permanent, naming what holds the bad text (defect 3).
+    """
+    def bad(item: Any) -> bool:
+        if isinstance(item, str):
+            return "\x00" in item or (not item.isprintable() and _has_surrogate(item))
+        if isinstance(item, dict):
+            return any(bad(k) or bad(v) for k, v in item.items())
+        if isinstance(item, list):
+            return any(bad(v) for v in item)
+        return False
+
+    if bad(value):
+        raise UpstreamError(f"the upstream's {what} contains a NUL character or a lone surrogate, "
+                            f"which cannot be stored: {clean_text(repr(value), 200)}")
+    return value
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class _Bookmark:

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Interval, and_, case, func, insert, literal, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline.errors import LeaseLost, TaskCancelled
-from pipeline.models import COMPANIES, FINISHED, JOB_LOG, JOBS, TASKS, utcnow
+from pipeline.models import COMPANIES, DATASETS, FINISHED, JOB_LOG, JOBS, TASKS, UTCDateTime, utcnow
+
+# How much of an error message is kept on the task and in the job log.
+MESSAGE_LIMIT = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,26 +39,55 @@ class Claim:
     chunks: int
     fetch_state: dict[str, Any] | None
     token: str
+    # The checksum of the partition's current version when this claim was made (None: none):
+    # a lineage's first claim records it, and publishing compare-and-swaps on it.
+    base_checksum: str | None = None
 
 
-def claim_task(engine: Engine, task_id: int, *, lease_s: float, now: datetime | None = None) -> Claim | None:
+def clean_text(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate, at most ``limit`` characters.
+
+    Upstream messages, body excerpts and exception texts go into ``error_message`` and the job
+    log; a NUL there made psycopg raise ``DataError`` and strand the task (issue 11, defect 3).
+    """
+    text = text.replace("\x00", "\\0")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit]
+
+
+def db_now(engine_or_conn: Engine | Connection, plus_s: float = 0.0) -> ColumnElement[Any]:
+    """The database's clock (``clock_timestamp()``), plus ``plus_s`` seconds, on PostgreSQL, so
+    leases never depend on a host's wall clock (defect 12); this process's clock on SQLite (one
+    host by construction)."""
+    if engine_or_conn.dialect.name == "postgresql":
+        now = func.clock_timestamp()
+        return now + literal(timedelta(seconds=plus_s), Interval()) if plus_s else now
+    return literal(utcnow() + timedelta(seconds=plus_s), UTCDateTime())
+
+
+def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: int | None = None) -> Claim | None:
     """Atomically take a task that is pending or whose lease expired.
 
+    Leases are measured on the database's clock. A task whose lease expired on its last allowed
+    attempt (``max_attempts``) is not claimed: it is failed with its last error and counted on
+    its job in one transaction (``fail_exhausted``), so a worker killed mid-attempt (OOM, time
+    limit) cannot make the task be re-claimed forever (defect 2).
+
     Returns ``None`` (the message is to be acknowledged and ignored) when the task does not
-    exist, is finished, or is leased by a live worker.
+    exist, is finished, is leased by a live worker, or has just been failed for good.
     """
-    now = now or utcnow()
     token = uuid.uuid4().hex
-    claimable = or_(
-        TASKS.c.status == "pending",
-        and_(TASKS.c.status == "processing", TASKS.c.lease_until < now),
-    )
+    now = db_now(engine)
+    expired = and_(TASKS.c.status == "processing", TASKS.c.lease_until < now)
+    if max_attempts is not None:
+        expired = and_(expired, TASKS.c.attempts < max_attempts)
+    claimable = or_(TASKS.c.status == "pending", expired)
     statement = (
         update(TASKS)
         .where(TASKS.c.id == task_id, claimable)
         .values(
             status="processing",
-            lease_until=now + timedelta(seconds=lease_s),
+            lease_until=db_now(engine, lease_s),
             lease_token=token,
             attempts=TASKS.c.attempts + 1,
             updated_at=now,
@@ -70,6 +103,8 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, now: datetime | 
     else:
         row = _claim_in_steps(engine, task_id, statement, now)
     if row is None:
+        if max_attempts is not None:
+            fail_exhausted(engine, task_id, max_attempts=max_attempts)
         return None
     return Claim(
         task_id=task_id,
@@ -85,10 +120,34 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, now: datetime | 
         chunks=row.chunks,
         fetch_state=row.fetch_state,
         token=token,
+        base_checksum=row.base_checksum,
     )
 
 
-def _claim_in_one_statement(engine: Engine, claim: Any, now: datetime) -> Any:
+def fail_exhausted(engine: Engine, task_id: int, *, max_attempts: int) -> bool:
+    """Fail a task whose lease expired on its last allowed attempt, with its last error, and count
+    it on its job — one transaction. Returns whether it did (False: not such a task)."""
+    with engine.begin() as conn:
+        now = db_now(conn)
+        row = conn.execute(
+            update(TASKS)
+            .where(TASKS.c.id == task_id, TASKS.c.status == "processing", TASKS.c.lease_until < now,
+                   TASKS.c.attempts >= max_attempts)
+            .values(status="failed", lease_until=None, lease_token=None, updated_at=now, completed_at=now)
+            .returning(TASKS.c.job_id, TASKS.c.attempts, TASKS.c.error_message)
+        ).one_or_none()
+        if row is None:
+            return False
+        last = row.error_message or "no error was recorded (the worker was killed or lost)"
+        message = clean_text(f"attempt {row.attempts} of {max_attempts} did not finish before its lease expired; "
+                             f"no attempts left; last error: {last}")
+        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message))
+        log(conn, row.job_id, task_id, "error", message, {"attempt": row.attempts, "final": True})
+        bump_job(conn, row.job_id, failed=1, now=utcnow())
+    return True
+
+
+def _claim_in_one_statement(engine: Engine, claim: Any, now: Any) -> Any:
     """PostgreSQL: claim, mark the job started and read what the worker needs in ONE statement
     (data-modifying CTEs), in autocommit — one round trip on the hottest path of the fleet."""
     claimed = claim.cte("claimed")
@@ -99,16 +158,23 @@ def _claim_in_one_statement(engine: Engine, claim: Any, now: datetime) -> Any:
         .cte("started")
     )
     query = (
-        select(claimed, JOBS.c.mode, COMPANIES.c.external_id, COMPANIES.c.connector, COMPANIES.c.connector_config)
+        select(claimed, JOBS.c.mode, COMPANIES.c.external_id, COMPANIES.c.connector, COMPANIES.c.connector_config,
+               DATASETS.c.checksum_sha256.label("base_checksum"))
         .join(JOBS, JOBS.c.id == claimed.c.job_id)
         .join(COMPANIES, COMPANIES.c.id == claimed.c.company_id)
+        .outerjoin(DATASETS, _dataset_of(claimed.c.company_id, claimed.c.resource, claimed.c.partition_key))
         .add_cte(started)
     )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         return conn.execute(query).one_or_none()
 
 
-def _claim_in_steps(engine: Engine, task_id: int, claim: Any, now: datetime) -> Any:
+def _dataset_of(company_id: Any, resource: Any, partition: Any) -> ColumnElement[bool]:
+    return and_(DATASETS.c.company_id == company_id, DATASETS.c.resource == resource,
+                DATASETS.c.partition_key == partition)
+
+
+def _claim_in_steps(engine: Engine, task_id: int, claim: Any, now: Any) -> Any:
     """SQLite has no data-modifying CTEs: the same claim as a few statements in one transaction,
     ending with one read of the row the one-statement claim returns."""
     with engine.begin() as conn:
@@ -122,9 +188,11 @@ def _claim_in_steps(engine: Engine, task_id: int, claim: Any, now: datetime) -> 
         return conn.execute(
             select(TASKS.c.job_id, TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key, TASKS.c.attempts,
                    TASKS.c.chunks, TASKS.c.fetch_state, JOBS.c.mode, COMPANIES.c.external_id,
-                   COMPANIES.c.connector, COMPANIES.c.connector_config)
+                   COMPANIES.c.connector, COMPANIES.c.connector_config,
+                   DATASETS.c.checksum_sha256.label("base_checksum"))
             .join(JOBS, JOBS.c.id == TASKS.c.job_id)
             .join(COMPANIES, COMPANIES.c.id == TASKS.c.company_id)
+            .outerjoin(DATASETS, _dataset_of(TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key))
             .where(TASKS.c.id == task_id)
         ).one()
 
@@ -147,50 +215,65 @@ def _fenced(conn: Connection, claim: Claim, **values: Any) -> None:
 def save_progress(
     engine: Engine, claim: Claim, *, fetch_state: dict[str, Any], chunks: int, lease_s: float
 ) -> None:
-    """Persist the cursor after a staged chunk and extend the lease (a chunk boundary).
+    """Persist the cursor (and the staged part list) after a staged chunk and extend the lease.
 
     Raises:
         TaskCancelled: the job was cancelled; stop here.
         LeaseLost: another worker took the task over.
     """
-    now = utcnow()
     with engine.begin() as conn:
-        _fenced(
-            conn, claim, fetch_state=fetch_state, chunks=chunks, updated_at=now,
-            lease_until=now + timedelta(seconds=lease_s),
-        )
+        now = db_now(conn)
+        _fenced(conn, claim, fetch_state=fetch_state, chunks=chunks, updated_at=now,
+                lease_until=db_now(conn, lease_s))
 
 
-def hand_off(engine: Engine, claim: Claim, *, note: str) -> None:
+def renew_lease(engine: Engine, claim: Claim, *, lease_s: float) -> None:
+    """Extend the lease under the fence (a heartbeat during a long merge or upload).
+
+    Raises:
+        TaskCancelled / LeaseLost: as ``save_progress``.
+    """
+    with engine.begin() as conn:
+        _fenced(conn, claim, lease_until=db_now(conn, lease_s))
+
+
+def hand_off(engine: Engine, claim: Claim, *, note: str, fetch_state: dict[str, Any] | None = None) -> None:
     """Release a task that ran out of time budget so a continuation message can resume it.
 
     The next claim counts ``attempts + 1``; a continuation is not a new attempt, so it is
-    taken back here.
+    taken back here. ``fetch_state``, if given, replaces the saved state (an outage notes when
+    it began there).
     """
+    values: dict[str, Any] = {} if fetch_state is None else {"fetch_state": fetch_state}
     with engine.begin() as conn:
         _fenced(
             conn, claim, status="pending", lease_until=None, lease_token=None,
-            attempts=TASKS.c.attempts - 1, updated_at=utcnow(),
+            attempts=TASKS.c.attempts - 1, updated_at=db_now(conn), **values,
         )
         log(conn, claim.job_id, claim.task_id, "info", note)
 
 
-def record_attempt_failure(engine: Engine, claim: Claim, error: str, *, final: bool) -> bool:
+def record_attempt_failure(
+    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False
+) -> bool:
     """Log a failed attempt; release the task for a retry, or fail it for good.
 
-    Returns whether this call finished the job (it was the last open task).
+    ``restart`` drops the saved cursor and part list, so the next attempt starts the partition
+    over (the partition changed under this lineage). Returns whether this call finished the job.
     """
-    now = utcnow()
+    error = clean_text(error)
     with engine.begin() as conn:
+        now = db_now(conn)
         log(conn, claim.job_id, claim.task_id, "error", f"attempt {claim.attempts} failed: {error}",
             {"attempt": claim.attempts, "final": final})
         if not final:
+            extra: dict[str, Any] = {"fetch_state": None, "chunks": 0} if restart else {}
             _fenced(conn, claim, status="pending", lease_until=None, lease_token=None,
-                    error_message=error, updated_at=now)
+                    error_message=error, updated_at=now, **extra)
             return False
         _fenced(conn, claim, status="failed", lease_until=None, lease_token=None,
                 error_message=error, updated_at=now, completed_at=now)
-        return bump_job(conn, claim.job_id, failed=1, now=now)
+        return bump_job(conn, claim.job_id, failed=1, now=utcnow())
 
 
 def complete_task(conn: Connection, claim: Claim, *, record_count: int, chunks: int) -> bool:
@@ -246,5 +329,6 @@ def log(
     data: dict[str, Any] | None = None,
 ) -> None:
     conn.execute(insert(JOB_LOG).values(
-        job_id=job_id, task_id=task_id, level=level, message=message[:4000], data=data, created_at=utcnow(),
+        job_id=job_id, task_id=task_id, level=level, message=clean_text(message, 4000), data=data,
+        created_at=utcnow(),
     ))

@@ -41,6 +41,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def job_status(status: str, planned_at: datetime | None) -> str:
+    """The status a job shows: ``planning`` while pending and its tasks are not planned yet."""
+    return "planning" if status == "pending" and planned_at is None else status
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC in and out, on PostgreSQL (timestamptz) and SQLite (naive text)."""
 
@@ -121,6 +126,8 @@ class SyncJob(Base):
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     error_message: Mapped[str | None] = mapped_column(Text)
+    # NULL until the coordinator has inserted the job's tasks (the job shows as "planning").
+    planned_at: Mapped[datetime | None]
 
 
 class SyncTask(Base):

@@ -133,10 +133,9 @@ def apply_policy(
 
     result = dict(document)
     rows = document.get(policy.rows)
-    if policy.rows not in document:
-        return result
     if not isinstance(rows, list):
-        # Not a list of rows: nothing a technician can be shown safely.
+        # Missing, or not a list of rows: nothing a technician can be shown safely (defect 16:
+        # a document without its rows key used to be returned whole).
         result[policy.rows] = []
         kept: list[Mapping[str, Any]] = []
     else:

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import Engine, select
 
 from pipeline.errors import NotFound
-from pipeline.models import FINISHED, JOBS, utcnow
+from pipeline.models import FINISHED, JOBS, job_status, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,8 @@ class JobProgress:
 
     @property
     def percent(self) -> float:
+        if self.status == "planning":
+            return 0.0
         if self.total_tasks == 0:
             return 100.0
         return round(100.0 * self.done_tasks / self.total_tasks, 1)
@@ -60,7 +62,8 @@ def job_progress(engine: Engine, job_id: uuid.UUID) -> JobProgress:
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     return JobProgress(
-        job_id=job.id, status=job.status, total_tasks=job.total_tasks, completed_tasks=job.completed_tasks,
+        job_id=job.id, status=job_status(job.status, job.planned_at), total_tasks=job.total_tasks,
+        completed_tasks=job.completed_tasks,
         failed_tasks=job.failed_tasks, cancelled_tasks=job.cancelled_tasks,
         processed_records=job.processed_records, started_at=job.started_at, completed_at=job.completed_at,
         error=job.error_message,

@@ -1,7 +1,11 @@
-"""The coordinator: APScheduler firing the hourly plan, the sweeper and the daily cleanup.
+"""The scheduler: APScheduler firing the hourly sync, the sweeper and the daily cleanup.
+
+A tick only inserts the job row (``pending``, its scope and tick key) and sends one
+``coordinate_sync`` message; the coordinator actor, on a worker, plans the tasks and sends
+them. So a tick takes milliseconds whatever the number of companies.
 
 APScheduler 3 cannot share a job store between schedulers, so two scheduler processes each
-fire every job. The plan is guarded by a unique key per tick (``sync_jobs.tick_key``): the
+fire every job. The job is guarded by a unique key per tick (``sync_jobs.tick_key``): the
 second scheduler's insert of the same tick does nothing, so one job per tick, on PostgreSQL
 and SQLite alike. The sweeper and cleanup are idempotent and safe to run twice.
 """
@@ -20,7 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pipeline.cleanup import cleanup
 from pipeline.dispatch import Dispatcher
 from pipeline.models import utcnow
-from pipeline.planning import PlannedJob, plan_job
+from pipeline.planning import SubmittedJob, create_job
 from pipeline.runtime import Runtime
 from pipeline.sweeper import sweep
 
@@ -40,14 +44,16 @@ def latest_fire_time(trigger: BaseTrigger, now: datetime, *, lookback_s: float =
 
 def run_scheduled_sync(
     rt: Runtime, dispatcher: Dispatcher, trigger: BaseTrigger, *, now: datetime | None = None
-) -> PlannedJob | None:
-    """Plan the job of the current tick, unless another scheduler already did."""
+) -> SubmittedJob | None:
+    """Submit the job of the current tick to the coordinator, unless another scheduler already did."""
     tick = latest_fire_time(trigger, now or utcnow())
-    job = plan_job(rt.engine, dispatcher, trigger="schedule", mode="full", tick_key=f"schedule:{tick.isoformat()}")
+    with rt.engine.begin() as conn:
+        job = create_job(conn, trigger="schedule", mode="full", tick_key=f"schedule:{tick.isoformat()}")
     if job is None:
-        logger.info("tick %s already planned by another scheduler", tick.isoformat())
-    else:
-        logger.info("tick %s planned job %s with %s tasks", tick.isoformat(), job.job_id, job.total_tasks)
+        logger.info("tick %s already submitted by another scheduler", tick.isoformat())
+        return None
+    dispatcher.coordinate(job.job_id, priority=job.priority)
+    logger.info("tick %s submitted job %s to the coordinator", tick.isoformat(), job.job_id)
     return job
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from apscheduler.triggers.cron import CronTrigger
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     task_time_budget_s: float = Field(default=120.0, gt=0, le=900)
     lease_s: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=50)
+    # How long an outage (blob storage unreachable) is retried without spending attempts
+    # before the task fails saying so. Default 6 hours.
+    outage_retry_s: float = Field(default=21_600.0, gt=0)
+    # Room after the fetch budget for the final merge and upload, which renew the lease.
+    publish_budget_s: float = Field(default=600.0, gt=0, le=1500)
     retry_min_backoff_ms: int = Field(default=1_000, ge=0)
     retry_max_backoff_ms: int = Field(default=60_000, ge=0, le=600_000)
     schedule_cron: str = "0 * * * *"
@@ -55,6 +60,14 @@ class Settings(BaseSettings):
     max_unfinished_jobs: int = Field(default=3, ge=1)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # `pipeline worker` serves /metrics here
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Tenant secrets at rest (pipeline.secrets): comma-separated Fernet keys, the first encrypts.
+    secrets_key: SecretStr | None = None
+    # The only environment variables a connector config may name (token_env, value_env).
+    connector_env_prefix: str = Field(default="CONNECTOR_", min_length=1, max_length=100,
+                                      pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Upstreams admitted on private networks (connectors.net): CIDR and host[:port], comma-separated.
+    upstream_allowlist: str = ""
+    upstream_max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024 * 1024)
 
     @field_validator("database_url")
     @classmethod
@@ -83,6 +96,31 @@ class Settings(BaseSettings):
                 raise ValueError("s3:// URL needs a bucket name, e.g. s3://pipeline")
         elif parsed.scheme != "file":
             raise ValueError(f"unsupported blob scheme {parsed.scheme!r}; use s3://BUCKET or file:///DIR")
+        return value
+
+    @field_validator("secrets_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        from pipeline.secrets import parse_keys
+
+        parse_keys(value.get_secret_value())  # the message names the bad entry, never its value
+        return value
+
+    @field_validator("upstream_allowlist")
+    @classmethod
+    def _allowlist(cls, value: str) -> str:
+        from connectors.net import NetworkPolicy
+
+        NetworkPolicy.parse(value)
+        return value
+
+    @field_validator("connector_env_prefix")
+    @classmethod
+    def _not_our_own(cls, value: str) -> str:
+        if "PIPELINE_".startswith(value.upper()) or value.upper().startswith("PIPELINE_"):
+            raise ValueError("must not admit PIPELINE_* variables (the pipeline's own settings and secrets)")
         return value
 
     @field_validator("schedule_cron")
@@ -136,8 +174,9 @@ class Settings(BaseSettings):
 
     @property
     def message_time_limit_ms(self) -> int:
-        """Dramatiq's TimeLimit: above the budget, well below RabbitMQ's 30 min consumer_timeout."""
-        return int((self.lease_seconds + 60) * 1000)
+        """Dramatiq's TimeLimit: above the budget plus the final merge and upload, below RabbitMQ's
+        30 min consumer_timeout."""
+        return int((max(self.lease_seconds, self.task_time_budget_s + self.publish_budget_s) + 60) * 1000)
 
     @property
     def is_postgres(self) -> bool:
@@ -149,6 +188,8 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     worker, a test's subprocess) needs to rebuild exactly the same settings."""
     environment = {}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             environment[f"PIPELINE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return environment
@@ -167,4 +208,5 @@ def load_settings(**overrides: object) -> Settings:
             field = ".".join(str(part) for part in error["loc"]) or "settings"
             name = f"PIPELINE_{field.upper()}" if error["loc"] else "settings"
             problems.append(f"{name}: {error['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from exc
+        # Not chained: pydantic's own message echoes the input, and some inputs are secrets.
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pipeline.errors import ChecksumMismatch
+from errors import ChecksumMismatch
 from storage.base import BlobStore
 from storage.checksum import sha256_hex
 

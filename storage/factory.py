@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipeline.errors import ConfigError
+from errors import ConfigError
 from storage.base import BlobStore
 from storage.local import LocalBlobStore
 from storage.s3 import S3BlobStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from pipeline.errors import StorageError
+from errors import InvalidKey
 
 _METADATA_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 
@@ -18,11 +18,11 @@ def validate_key(key: str) -> str:
     identical across stores.
 
     Raises:
-        StorageError: naming the key and the rule it breaks.
+        InvalidKey: naming the key and the rule it breaks.
     """
     problem = _key_problem(key)
     if problem:
-        raise StorageError(f"invalid blob key {key!r}: {problem}")
+        raise InvalidKey(f"invalid blob key {key!r}: {problem}")
     return key
 
 
@@ -33,7 +33,7 @@ def validate_prefix(prefix: str) -> str:
     start with.
 
     Raises:
-        StorageError: naming the prefix and the rule it breaks.
+        InvalidKey: naming the prefix and the rule it breaks.
     """
     if prefix == "":
         return prefix
@@ -44,7 +44,7 @@ def validate_prefix(prefix: str) -> str:
     if problem is None and prefix.startswith("/"):
         problem = "must be relative, not start with '/'"
     if problem:
-        raise StorageError(f"invalid blob prefix {prefix!r}: {problem}")
+        raise InvalidKey(f"invalid blob prefix {prefix!r}: {problem}")
     return prefix
 
 
@@ -56,15 +56,15 @@ def normalize_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     the same mapping on both.
 
     Raises:
-        StorageError: naming the offending entry.
+        InvalidKey: naming the offending entry.
     """
     normalized: dict[str, str] = {}
     for name, value in (metadata or {}).items():
         lowered = name.lower()
         if not _METADATA_NAME.fullmatch(lowered):
-            raise StorageError(f"invalid metadata name {name!r}: use letters, digits and '-'")
+            raise InvalidKey(f"invalid metadata name {name!r}: use letters, digits and '-'")
         if not value.isascii() or not value.isprintable():
-            raise StorageError(f"invalid value for metadata {name!r}: only printable ASCII is allowed")
+            raise InvalidKey(f"invalid value for metadata {name!r}: only printable ASCII is allowed")
         normalized[lowered] = value
     return normalized
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.errors import ObjectMissing, StorageError
+from errors import FailureKind, ObjectMissing, StorageError
 from storage.base import ObjectInfo
 from storage.keys import normalize_metadata, validate_key, validate_prefix
 
@@ -178,7 +178,8 @@ class LocalBlobStore:
         except (OSError, ValueError) as exc:
             raise StorageError(f"cannot read metadata of blob {key!r} in {self.url}: {exc}") from exc
         if not isinstance(raw, dict):
-            raise StorageError(f"metadata of blob {key!r} in {self.url} is not a JSON object")
+            raise StorageError(f"metadata of blob {key!r} in {self.url} is not a JSON object",
+                               kind=FailureKind.RETRYABLE)
         content_type = raw.get("content_type")
         metadata = raw.get("metadata") or {}
         return (str(content_type) if content_type else None), {
@@ -194,7 +195,8 @@ class LocalBlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             if length is not None and written != length:
-                raise StorageError(f"blob {key!r}: the data has {written} bytes, {length} announced")
+                raise StorageError(f"blob {key!r}: the data has {written} bytes, {length} announced",
+                                   kind=FailureKind.RETRYABLE)
         except BaseException:
             _remove_quietly(temp)
             raise

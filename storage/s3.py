@@ -17,7 +17,7 @@ from minio.helpers import DictType
 from urllib3.exceptions import HTTPError
 from urllib3.util import Retry, Timeout
 
-from pipeline.errors import ConfigError, ObjectMissing, StorageError
+from errors import ConfigError, InvalidKey, ObjectMissing, StorageError
 from storage.base import ObjectInfo
 from storage.keys import normalize_metadata, validate_key, validate_prefix
 
@@ -225,7 +225,7 @@ class S3BlobStore:
             raise StorageError(f"{subject} failed: {exc}") from exc
         except ValueError as exc:
             # minio validates names and arguments with ValueError before sending anything.
-            raise StorageError(f"{subject} rejected: {exc}") from exc
+            raise InvalidKey(f"{subject} rejected: {exc}") from exc
 
 
 def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:

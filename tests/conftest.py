@@ -1,14 +1,19 @@
 """Real services for the whole test suite: PostgreSQL, RabbitMQ, S3, and blob stores on them.
 
 With a Docker engine, services run in throwaway containers (testcontainers); without one,
-the fixtures use (and if needed start) the services installed on this machine, and moto
-stands in for MinIO. Set ``PIPELINE_S3_ENDPOINT`` (plus ``PIPELINE_S3_ACCESS_KEY``,
-``PIPELINE_S3_SECRET_KEY``, ``PIPELINE_S3_SECURE``) to test against a real MinIO instead.
+the fixtures use (and if needed start) the PostgreSQL and RabbitMQ installed on this machine,
+and a SeaweedFS server of the session's own is the S3 server. Set ``PIPELINE_S3_ENDPOINT`` (plus
+``PIPELINE_S3_ACCESS_KEY``, ``PIPELINE_S3_SECRET_KEY``, ``PIPELINE_S3_SECURE``) to test against
+another S3 service instead.
+
+moto is not used: it accepts any signature and keeps objects in memory. The session fails if
+anything imported it or started it as a process (``pytest_sessionfinish`` below).
 """
 
 from __future__ import annotations
 
-import os
+import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -81,16 +86,12 @@ def amqp_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_service() -> Iterator[S3Service]:
-    """An S3-compatible endpoint: ``PIPELINE_S3_ENDPOINT`` if set, else MinIO in Docker, else moto."""
-    endpoint = os.environ.get("PIPELINE_S3_ENDPOINT")
-    if endpoint:
-        yield S3Service(
-            endpoint=endpoint,
-            access_key=os.environ.get("PIPELINE_S3_ACCESS_KEY", "minioadmin"),
-            secret_key=os.environ.get("PIPELINE_S3_SECRET_KEY", "minioadmin"),
-            secure=os.environ.get("PIPELINE_S3_SECURE", "").lower() in {"1", "true", "yes", "on"},
-        )
+def s3_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
+    """An S3-compatible endpoint: ``PIPELINE_S3_ENDPOINT`` if set, else MinIO in Docker, else a
+    SeaweedFS server for this session (free loopback ports, its own data directory)."""
+    configured = services.s3_from_environment()
+    if configured is not None:
+        yield configured
     elif services.docker_available():
         from testcontainers.community.minio import MinioContainer
 
@@ -98,15 +99,8 @@ def s3_service() -> Iterator[S3Service]:
             config = container.get_config()
             yield S3Service(config["endpoint"], config["access_key"], config["secret_key"])
     else:
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            yield S3Service(f"{host}:{port}", "testing", "testing")
-        finally:
-            server.stop()
+        with services.seaweed(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield services.seaweed_service(server)
 
 
 @pytest.fixture
@@ -129,8 +123,25 @@ def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     return service.store(request.getfixturevalue("s3_bucket"))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # moto's werkzeug server logs every request; keep test output readable.
-    import logging
+_MOTO_STARTS: list[str] = []
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+def _watch_for_moto(event: str, args: tuple[object, ...]) -> None:
+    """Audit hook: remember every subprocess of this session whose command line runs moto."""
+    if event == "subprocess.Popen" and re.search(r"\bmoto\b", repr(args[1])):
+        _MOTO_STARTS.append(repr(args[1]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sys.addaudithook(_watch_for_moto)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if moto served S3 anywhere in it: in this process or as a subprocess."""
+    problems = [f"started as a process: {command}" for command in _MOTO_STARTS]
+    if "moto" in sys.modules:
+        problems.append("imported in the test process")
+    if problems:
+        print("\nmoto was used by this test run, but the suite must run on a real S3 server:", *problems,
+              sep="\n  ", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,19 +1,23 @@
 """Helpers behind the service fixtures in ``tests/conftest.py``: real PostgreSQL, RabbitMQ and S3.
 
-Each service comes from a Docker container when a Docker engine answers, otherwise from the
-services this machine runs (started on demand). Nothing here sleeps blindly: waits poll a
-condition until a deadline.
+PostgreSQL and RabbitMQ come from a Docker container when a Docker engine answers, otherwise
+from the services this machine runs (started on demand). S3 is ``PIPELINE_S3_ENDPOINT`` when set,
+MinIO in Docker when an engine answers, else a SeaweedFS server of the run's own
+(``storage.seaweed``). Nothing here sleeps blindly: waits poll a condition until a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import secrets
 import shutil
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from storage.s3 import S3BlobStore
+from storage.seaweed import SeaweedFS
 
 LOCAL_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_AMQP_HOST = "127.0.0.1"
@@ -183,6 +188,35 @@ def delete_vhost(vhost: str) -> None:
 
 
 # --- S3 -----------------------------------------------------------------------------------------
+
+
+def s3_from_environment() -> S3Service | None:
+    """The S3 service ``PIPELINE_S3_ENDPOINT`` (with ``PIPELINE_S3_ACCESS_KEY`` / ``_SECRET_KEY`` /
+    ``_SECURE``) names, or ``None`` when it is not set."""
+    endpoint = os.environ.get("PIPELINE_S3_ENDPOINT")
+    if not endpoint:
+        return None
+    return S3Service(
+        endpoint=endpoint,
+        access_key=os.environ.get("PIPELINE_S3_ACCESS_KEY", "minioadmin"),
+        secret_key=os.environ.get("PIPELINE_S3_SECRET_KEY", "minioadmin"),
+        secure=os.environ.get("PIPELINE_S3_SECURE", "").lower() in {"1", "true", "yes", "on"},
+    )
+
+
+def seaweed_service(server: SeaweedFS) -> S3Service:
+    return S3Service(server.endpoint, server.access_key, server.secret_key)
+
+
+@contextlib.contextmanager
+def seaweed(data_dir: Path) -> Iterator[SeaweedFS]:
+    """A started SeaweedFS server on ``data_dir`` with fresh credentials; stopped and its data
+    directory removed afterwards."""
+    server = SeaweedFS(data_dir, access_key=f"test-{secrets.token_hex(4)}", secret_key=secrets.token_urlsafe(24))
+    try:
+        yield server.start()
+    finally:
+        server.remove()
 
 
 def create_bucket(service: S3Service, bucket: str) -> None:

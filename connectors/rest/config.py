@@ -1,8 +1,11 @@
 """The ``rest`` connector's config: pydantic models for the JSON a company stores.
 
 Everything is validated when a company is added or updated; a bad config raises
-``ConfigError`` naming the key path, e.g. ``resources.schedule.paginator.limit``. Secrets are
-never part of the config: ``auth`` names the environment variables that hold them.
+``ConfigError`` naming the key path, e.g. ``resources.schedule.paginator.limit``. A secret is
+either inline (``auth.token``, ``auth.value``: every field typed ``SecretValue``, which
+``pipeline.secrets`` encrypts before the config is stored and shows as ``"***"``), or named by
+an environment variable (``token_env``, ``value_env``) that must start with
+``PIPELINE_CONNECTOR_ENV_PREFIX`` — checked when the config is stored and when it is used.
 
 Beyond the shape in issue 3, the config accepts (all optional):
 
@@ -29,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SecretStr,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -37,9 +41,9 @@ from pydantic import (
 from pydantic.config import JsonDict
 from pydantic_core import ErrorDetails
 
+from connectors.jsontypes import JsonInt, integral
 from connectors.transforms import TRANSFORMS
-from pipeline.errors import ConfigError
-from pipeline.jsontypes import JsonInt, integral
+from errors import ConfigError
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
 
@@ -63,12 +67,13 @@ _TRANSFORM_NAMES: list[JsonValue] = [*sorted(TRANSFORMS)]
 
 _ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
-_RESOURCE = r"^[A-Za-z0-9_.-]+$"
+# Not starting with '.': '.', '..' and '.x' would be reserved blob key segments (defect 4).
+_RESOURCE = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 _DOTTED = r"^[^.]+(\.[^.]+)*$"
 _PATTERN_MEANING = {
     _ENV_VAR: "must be the NAME of an environment variable (letters, digits, '_')",
     _HEADER: "must be an HTTP header name",
-    _RESOURCE: "a resource name may contain only letters, digits, '_', '.' and '-'",
+    _RESOURCE: "a resource name may contain only letters, digits, '_', '.' and '-', and must not start with '.'",
     _DOTTED: "must be a dotted path such as 'data' or 'result.items'",
 }
 
@@ -79,6 +84,10 @@ ResourceName = Annotated[str, StringConstraints(pattern=_RESOURCE, max_length=10
 ParamName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 DottedPath = Annotated[str, StringConstraints(pattern=_DOTTED, max_length=500)]
 ParamValue = str | int | float | bool
+# A secret: encrypted at rest, write-only. Any config field of this type is found by
+# ``secret_paths`` and sealed by ``pipeline.secrets`` — an auth kind added later (OAuth2's
+# client_secret, refresh_token) only has to type its fields with it.
+SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=10_000)]
 
 
 class _Model(BaseModel):
@@ -86,19 +95,44 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _exactly_one(inline: SecretStr | None, env: str | None, names: tuple[str, str]) -> None:
+    if (inline is None) == (env is None):
+        raise ValueError(f"give exactly one of {names[0]} (the secret, stored encrypted) and {names[1]}")
+
+
 class BearerAuth(_Model):
-    """``Authorization: Bearer <value of token_env>``."""
+    """``Authorization: Bearer <token>``; the token inline or from the variable ``token_env``."""
 
     type: Literal["bearer"]
-    token_env: EnvVarName
+    token: SecretValue | None = None
+    token_env: EnvVarName | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BearerAuth:
+        _exactly_one(self.token, self.token_env, ("token", "token_env"))
+        return self
+
+    @property
+    def env_key(self) -> tuple[str, str | None]:
+        return "token_env", self.token_env
 
 
 class HeaderAuth(_Model):
-    """``<name>: <value of value_env>``, e.g. ``X-Api-Key``."""
+    """``<name>: <value>``, e.g. ``X-Api-Key``; the value inline or from the variable ``value_env``."""
 
     type: Literal["header"]
     name: HeaderName
-    value_env: EnvVarName
+    value: SecretValue | None = None
+    value_env: EnvVarName | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeaderAuth:
+        _exactly_one(self.value, self.value_env, ("value", "value_env"))
+        return self
+
+    @property
+    def env_key(self) -> tuple[str, str | None]:
+        return "value_env", self.value_env
 
 
 class NoAuth(_Model):
@@ -360,6 +394,27 @@ class RestConfig(_Model):
                 " no user info, query or fragment"
             )
         return value.rstrip("/")
+
+
+def secret_paths(model: BaseModel, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The key paths of every ``SecretStr`` value in a validated config, e.g. ``[("auth", "token")]``."""
+    found: list[tuple[str | int, ...]] = []
+
+    def visit(value: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(value, SecretStr):
+            found.append(path)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                visit(getattr(value, name), (*path, name))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, (*path, key))
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                visit(item, (*path, index))
+
+    visit(model, prefix)
+    return found
 
 
 # Where pydantic puts the tag of a discriminated union into an error location (``None``

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,8 +11,9 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from pydantic import SecretStr
 
-from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec
+from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec
 from connectors.rest.config import (
     BearerAuth,
     DailyPartitions,
@@ -23,28 +23,34 @@ from connectors.rest.config import (
     ResourceConfig,
     RestConfig,
     parse_config,
+    secret_paths,
     uses_placeholder,
 )
-from connectors.rest.http import HttpClient, body_excerpt
+from connectors.rest.http import HttpClient, body_excerpt, printable_excerpt
 from connectors.rest.paginators import MISSING, Page, Paginator, lookup, make_paginator
 from connectors.transforms import POLICIES
-from pipeline.errors import ConfigError, ConnectorError, UpstreamError
+from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 
-class EnvAuth(httpx.Auth):
-    """Sets one header from an environment variable, read when each request is sent.
+class SecretHeader(httpx.Auth):
+    """Sets one header to a secret: inline (decrypted by the worker) or an environment
+    variable's value, read when each request is sent.
 
-    The secret is never stored on this object, so no repr, log line or error message built
-    from it can contain the value.
+    No repr, log line or error message built from this object contains the value, and
+    ``scrub`` takes it out of text an upstream may have echoed it into.
     """
 
-    def __init__(self, header: str, env_var: str, *, prefix: str = "", environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, header: str, *, prefix: str = "", value: SecretStr | None = None, env_var: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.header = header
-        self.env_var = env_var
         self.prefix = prefix
-        self._environ = environ
+        self.env_var = env_var
+        self._value = value
+        self._environ = environ or {}
 
     def secret(self) -> str:
         """The header value now.
@@ -52,25 +58,47 @@ class EnvAuth(httpx.Auth):
         Raises:
             ConfigError: the variable is unset or empty (named; the value never is).
         """
-        value = self._environ.get(self.env_var)
+        if self._value is not None:
+            return self.prefix + self._value.get_secret_value()
+        value = self._environ.get(self.env_var or "")
         if not value:
             raise ConfigError(f"rest config: auth: environment variable {self.env_var} is not set or empty")
         return self.prefix + value
+
+    def scrub(self, text: str) -> str:
+        try:
+            secret = self.secret()
+        except ConfigError:
+            return text
+        bare = secret[len(self.prefix):]
+        return text.replace(secret, "***").replace(bare, "***") if len(bare) >= 4 else text
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers[self.header] = self.secret()
         yield request
 
     def __repr__(self) -> str:
-        return f"EnvAuth(header={self.header!r}, env_var={self.env_var!r})"
+        source = f"env_var={self.env_var!r}" if self.env_var else "inline"
+        return f"SecretHeader(header={self.header!r}, {source})"
 
 
-def _make_auth(config: RestConfig, environ: Mapping[str, str]) -> EnvAuth | None:
+def _make_auth(config: RestConfig, environ: Mapping[str, str]) -> SecretHeader | None:
     if isinstance(config.auth, BearerAuth):
-        return EnvAuth("Authorization", config.auth.token_env, prefix="Bearer ", environ=environ)
+        return SecretHeader("Authorization", prefix="Bearer ", value=config.auth.token,
+                            env_var=config.auth.token_env, environ=environ)
     if isinstance(config.auth, HeaderAuth):
-        return EnvAuth(config.auth.name, config.auth.value_env, environ=environ)
+        return SecretHeader(config.auth.name, value=config.auth.value, env_var=config.auth.value_env,
+                            environ=environ)
     return None
+
+
+def check_env_name(key: str, name: str, prefix: str) -> None:
+    """Raise ``ConfigError`` unless a config may name the variable ``name`` at ``key``."""
+    if not name.startswith(prefix) or name.startswith("PIPELINE_"):
+        raise ConfigError(
+            f"rest config: {key}: variable {name} is not allowed: connector configs may only name "
+            f"environment variables starting with {prefix} (PIPELINE_CONNECTOR_ENV_PREFIX)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +114,9 @@ class RestConnector:
     Parameters:
         config: the company's connector config.
         limiter: spaces requests to ``base_url`` when ``rate_limit`` is configured.
-        environ: where the secrets named in ``auth`` are read, when each request is sent
-            (default ``os.environ``).
         on_response: called with the status of every upstream response (for metrics).
+        context: the variables ``auth`` may read (when each request is sent), the addresses the
+            client may connect to and the response cap (default: none, public only, 64 MiB).
 
     Raises:
         ConfigError: an invalid config, naming the key path.
@@ -101,10 +129,11 @@ class RestConnector:
         config: Mapping[str, Any],
         *,
         limiter: RateLimiter | None = None,
-        environ: Mapping[str, str] | None = None,
         on_response: Callable[[int], None] | None = None,
+        context: ConnectorContext | None = None,
     ) -> None:
         self.config = parse_config(config)
+        self._context = context or ConnectorContext()
         self._resources: dict[str, _Resource] = {}
         for name, resource in self.config.resources.items():
             if isinstance(resource.partitions, NonePartitions):
@@ -121,7 +150,7 @@ class RestConnector:
             )
             self._resources[name] = _Resource(spec, resource, paginator)
         rate_limit = self.config.rate_limit
-        self._auth = _make_auth(self.config, os.environ if environ is None else environ)
+        self._auth = _make_auth(self.config, self._context.environ)
         self._http = HttpClient(
             self.config.base_url,
             timeout_s=self.config.timeout_s,
@@ -130,7 +159,27 @@ class RestConnector:
             limiter=limiter,
             requests_per_second=rate_limit.requests_per_second if rate_limit else None,
             on_response=on_response,
+            network=self._context.network,
         )
+
+    def check_admission(self, context: ConnectorContext) -> None:
+        """Refuse an environment variable outside ``PIPELINE_CONNECTOR_ENV_PREFIX`` and a refused
+        IP-literal ``base_url`` (host names are checked when connecting)."""
+        self._check_env(context)
+        try:
+            context.network.check_url(self.config.base_url)
+        except ConfigError as exc:
+            raise ConfigError(f"rest config: base_url: {exc}") from None
+
+    def _check_env(self, context: ConnectorContext) -> None:
+        auth = self.config.auth
+        if isinstance(auth, BearerAuth | HeaderAuth):
+            key, name = auth.env_key
+            if name is not None:
+                check_env_name(f"auth.{key}", name, context.env_prefix)
+
+    def secret_paths(self) -> list[tuple[str | int, ...]]:
+        return secret_paths(self.config)
 
     @staticmethod
     def _reject_partition_placeholder(name: str, resource: ResourceConfig) -> None:
@@ -181,8 +230,18 @@ class RestConnector:
                 and the company has none.
         """
         resource = self._resource(request.resource)
+        self._check_env(self._context)  # a config stored before the prefix rule still obeys it
         if self._auth is not None:
             self._auth.secret()  # a missing secret fails before a rate-limit slot is spent
+        try:
+            return self._fetch(resource, request)
+        except PipelineError as exc:
+            if self._auth is not None:
+                # An upstream may echo the credential it was sent into its error body.
+                exc.args = (self._auth.scrub(str(exc)),)
+            raise
+
+    def _fetch(self, resource: _Resource, request: FetchRequest) -> Chunk:
         state = dict(request.state) if request.state is not None else resource.paginator.initial_state()
         url, params = self._render(resource.config, request)
         records: list[Record] = []
@@ -202,7 +261,8 @@ class RestConnector:
                 ) from exc
             started = time.monotonic()
             try:
-                response = self._http.get(page_url, params=page_params, deadline=request.deadline)
+                response = self._http.get(page_url, params=page_params, deadline=request.deadline,
+                                          hard_deadline=request.lease_deadline)
             except UpstreamError as exc:
                 if exc.retryable and page_number:
                     logger.warning(
@@ -210,7 +270,7 @@ class RestConnector:
                         resource.spec.name,
                         request.partition,
                         page_number,
-                        exc,
+                        self._auth.scrub(str(exc)) if self._auth is not None else exc,
                     )
                     break
                 raise
@@ -253,7 +313,9 @@ class RestConnector:
             return response.json()
         except ValueError:
             content_type = response.headers.get("Content-Type", "no Content-Type")
-            raise UpstreamError(f"the response is not JSON ({content_type}): {body_excerpt(response)}") from None
+            raise UpstreamError(
+                f"the response is not JSON ({printable_excerpt(content_type)}): {body_excerpt(response)}"
+            ) from None
 
     @staticmethod
     def _read_records(resource: ResourceConfig, body: Any) -> list[Record]:
@@ -264,7 +326,8 @@ class RestConnector:
                 raise UpstreamError(f"envelope key {envelope.success!r} is missing from the response")
             if success is not True:
                 message = lookup(body, envelope.message) if envelope.message else MISSING
-                detail = "no message" if message is MISSING or message is None else str(message)[:1000]
+                # Bounded and printable: what answered must not be able to fill task errors.
+                detail = "no message" if message is MISSING or message is None else printable_excerpt(str(message))
                 raise UpstreamError(f"the upstream reported failure ({envelope.success}={success!r}): {detail}")
         if resource.records is None:
             records, where = body, "the response body"

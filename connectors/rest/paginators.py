@@ -26,7 +26,7 @@ from connectors.rest.config import (
     PaginatorConfig,
     ParamValue,
 )
-from pipeline.errors import UpstreamError
+from errors import UpstreamError
 
 PageState = dict[str, Any]
 Params = dict[str, ParamValue]

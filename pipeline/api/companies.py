@@ -1,6 +1,7 @@
 """Admin endpoints for companies (tenants), validated exactly like the CLI (``pipeline.companies``).
 
-Behind the admin key (``X-API-Key``), like the rest of the control API.
+Behind the admin key (``X-API-Key``), like the rest of the control API. Secrets in a config are
+write-only: responses show them as ``"***"``, and a PATCH that omits one keeps it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     ModelWrapValidatorHandler,
     PrivateAttr,
     StringConstraints,
@@ -35,6 +37,7 @@ from pipeline.companies import (
 )
 from pipeline.errors import ConfigError
 from pipeline.models import Company
+from pipeline.secrets import redact
 
 router = APIRouter(tags=["companies"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES)
 
@@ -46,6 +49,12 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "descrip
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "The external id is taken, or the config is for another connector"}
 }
+
+
+CONFIG_DESCRIPTION = (
+    "Connector config. Secrets inline (e.g. auth.token) are stored encrypted and shown as \"***\"; "
+    "environment references (token_env, value_env) must use the operator's allowed prefix"
+)
 
 
 class _Body(BaseModel):
@@ -84,11 +93,11 @@ def _company_model(connector: str, config_model: type[BaseModel] | None) -> type
     """``{"connector": "<connector>", "config": <its config model>, ...}`` for the union below."""
     config: Any
     if config_model is None:
-        config = (dict[str, Any], Field(default_factory=dict))
+        config = (dict[str, Any], Field(default_factory=dict, description=CONFIG_DESCRIPTION))
     elif any(field.is_required() for field in config_model.model_fields.values()):
-        config = (config_model, ...)
+        config = (config_model, Field(description=CONFIG_DESCRIPTION))
     else:  # every key optional: the whole config may be left out too
-        config = (config_model, Field(default_factory=config_model))
+        config = (config_model, Field(default_factory=config_model, description=CONFIG_DESCRIPTION))
     model: type[_CompanyFields] = create_model(
         f"{connector.title().replace('_', '')}CompanyIn",
         __base__=_CompanyFields,
@@ -104,12 +113,13 @@ _CONFIG_MODELS = {name: model for name, model in registry.config_models().items(
 
 if TYPE_CHECKING:
     CompanyIn = _CompanyFields
-    ConnectorConfig = BaseModel
 else:
     CompanyIn = Annotated[Union[tuple(_COMPANY_MODELS.values())], Field(discriminator="connector")]  # noqa: UP007
-    ConnectorConfig = Union[tuple(_CONFIG_MODELS.values())]  # noqa: UP007
-# CompanyIn: a new company, one body shape per connector told apart by ``connector`` (a
-# discriminated union); ConnectorConfig: any connector's config (PATCH checks it is the company's).
+# A new company: one body shape per connector, told apart by ``connector`` (a discriminated union).
+
+
+_ANY_CONFIG: list[JsonValue] = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in _CONFIG_MODELS.values()]
+_ANY_CONFIG.append({"type": "null"})
 
 
 class CompanyPatch(_Body):
@@ -119,7 +129,13 @@ class CompanyPatch(_Body):
     """
 
     name: Name | None = None
-    config: ConnectorConfig | None = None
+    # Validated by pipeline.companies (which first merges the stored secrets a config omits), and
+    # documented as any connector's config: the handler answers 409 for another connector's.
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description=CONFIG_DESCRIPTION + "; a secret omitted or sent as \"***\" keeps the stored one",
+        json_schema_extra={"anyOf": _ANY_CONFIG},
+    )
     toggles: Toggles | None = None
     enabled: bool | None = None
 
@@ -142,7 +158,7 @@ class CompanyOut(BaseModel):
             name=company.name,
             external_id=company.external_id,
             connector=company.connector,
-            config=company.connector_config or {},
+            config=redact(company.connector_config or {}),
             toggles=company.feature_toggles or {},
             enabled=company.sync_enabled,
             created_at=company.created_at,
@@ -164,6 +180,8 @@ def post_company(body: CompanyIn, state: State) -> Any:
             toggles=body.toggles,
             external_id=body.external_id,
             enabled=body.enabled,
+            context=state.runtime.connector_context,
+            secrets=state.runtime.secrets,
         )
     except DuplicateCompany as exc:
         return error_response(409, "conflict", str(exc))
@@ -182,6 +200,26 @@ def get_one_company(company_id: CompanyIdPath, state: State) -> Any:
     return CompanyOut.of(get_company(state.runtime.engine, company_id))
 
 
+def _for_another_connector(connector: str, config: dict[str, Any]) -> bool:
+    """Whether ``config`` is some other connector's config and not one of ``connector``'s.
+
+    A config the company's own model refuses may still be fine once the stored secrets it
+    omits are merged back (``pipeline.companies`` decides that, with a 422 naming the key).
+    """
+    own = _CONFIG_MODELS.get(connector)
+    if own is None or _valid(own, config):
+        return False
+    return any(_valid(model, config) for name, model in _CONFIG_MODELS.items() if name != connector)
+
+
+def _valid(model: type[BaseModel], config: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(config)
+    except ValidationError:
+        return False
+    return True
+
+
 @router.patch(
     "/companies/{company_id}",
     response_model=CompanyOut,
@@ -194,15 +232,10 @@ def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -
     if body.config is not None:
         config = body.sent_config()
         connector = get_company(engine, company_id).connector
-        model = _CONFIG_MODELS.get(connector)
-        if model is not None and not isinstance(body.config, model):
-            # Valid for some connector (the schema's union), so a 409 when not for this company's.
-            try:
-                model.model_validate(config)
-            except ValidationError:
-                return error_response(
-                    409, "conflict", f"company {company_id} uses connector {connector!r}: send a {connector} config"
-                )
+        if _for_another_connector(connector, config):
+            return error_response(
+                409, "conflict", f"company {company_id} uses connector {connector!r}: send a {connector} config"
+            )
     try:
         company = update_company(
             engine,
@@ -211,6 +244,8 @@ def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -
             config=config,
             toggles=body.toggles,
             enabled=body.enabled,
+            context=state.runtime.connector_context,
+            secrets=state.runtime.secrets,
         )
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))

@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
+from connectors.jsontypes import integral
 from pipeline.api.deps import State, api_state
 from pipeline.api.errors import ErrorBody, error_response
 from pipeline.api.limits import SlotStreamingResponse, StreamsExhausted, StreamSlots, streams_exhausted
@@ -48,7 +49,6 @@ from pipeline.control import (
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
-from pipeline.jsontypes import integral
 from pipeline.runtime import Runtime
 
 ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
@@ -191,6 +191,9 @@ class SyncRequest(BaseModel):
 
 
 class SyncAccepted(BaseModel):
+    """The submitted job: ``planning`` until the coordinator has inserted its tasks (``total_tasks``
+    is 0 until then; watch ``status_url`` or ``events_url``). ``resource_types`` are those asked for."""
+
     job_id: uuid.UUID
     status: str
     total_tasks: int
@@ -211,12 +214,13 @@ class SyncAccepted(BaseModel):
         },
         429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
     },
-    summary="Start a sync: plans the job and queues its tasks, answers before any task runs",
+    summary="Start a sync: records the job and hands its planning to the coordinator, answers before any task "
+            "exists (status planning; total_tasks and the tasks appear once it is planned)",
 )
 def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
     settings = state.runtime.settings
     try:
-        planned = submit_job(
+        submitted = submit_job(
             state.runtime.engine,
             control.dispatcher(),
             trigger="api",
@@ -234,12 +238,12 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
     except ConfigError as exc:
         # The body is valid (the model checked it); what it names is not syncable now.
         return error_response(409, "conflict", str(exc))
-    job = str(planned.job_id)
+    job = str(submitted.job_id)
     return SyncAccepted(
-        job_id=planned.job_id,
-        status="pending" if planned.total_tasks else "completed",
-        total_tasks=planned.total_tasks,
-        resource_types=planned.resources,
+        job_id=submitted.job_id,
+        status="planning",
+        total_tasks=0,
+        resource_types=submitted.resources,
         status_url=f"/sync/jobs/{job}",
         events_url=f"/sync/jobs/{job}/events",
     )

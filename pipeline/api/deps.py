@@ -41,6 +41,7 @@ from pipeline.errors import AuthError, PipelineError
 from pipeline.models import Company, Dataset
 from pipeline.policies import FULL_VIEW, apply_policy, view_key
 from pipeline.runtime import Runtime
+from pipeline.secrets import redact
 from storage.cache import ByteCache, read_verified
 
 log = logging.getLogger("pipeline.api")
@@ -248,7 +249,7 @@ class ApiState:
             return None
         resources: dict[str, ResourceSpec] = {}
         try:
-            connector = registry.build(row.connector, row.connector_config or {})
+            connector = registry.build(row.connector, redact(row.connector_config or {}))
             try:
                 resources = {spec.name: spec for spec in connector.resources()}
             finally:

@@ -6,10 +6,26 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from connectors.base import Chunk, FetchRequest, RateLimiter, Record
+from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record
+from connectors.net import NetworkPolicy
 from connectors.rest import RestConnector
 
 SECRET = "sk_test_51Hsecret-value-never-logged"
+# The fake upstreams listen on loopback, which the SSRF guard refuses unless allowlisted.
+LOOPBACK = NetworkPolicy.parse("127.0.0.0/8")
+
+
+def loopback_context(environ: Mapping[str, str] | None = None, **network: Any) -> ConnectorContext:
+    """What a worker allows with ``PIPELINE_UPSTREAM_ALLOWLIST=127.0.0.0/8``."""
+    policy = NetworkPolicy.parse("127.0.0.0/8", **network) if network else LOOPBACK
+    return ConnectorContext(environ=dict(environ or {}), network=policy)
+
+
+def loopback_connector(
+    config: Mapping[str, Any], *, environ: Mapping[str, str] | None = None, **kwargs: Any
+) -> RestConnector:
+    """A ``RestConnector`` allowed to reach the loopback fakes."""
+    return RestConnector(config, context=loopback_context(environ), **kwargs)
 
 
 def drain(
@@ -31,7 +47,7 @@ def drain(
     chunks: list[Chunk] = []
     state: dict[str, Any] | None = None
     for _ in range(max_chunks):
-        connector = RestConnector(config, limiter=limiter, environ=environ or {})
+        connector = RestConnector(config, limiter=limiter, context=loopback_context(environ))
         try:
             chunk = connector.fetch(
                 FetchRequest(

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import Engine
 
+from connectors.rest.ratelimit import LocalRateLimiter, PostgresRateLimiter, make_rate_limiter
 from pipeline.db import make_engine
 from pipeline.models import Base
-from pipeline.ratelimit import LocalRateLimiter, PostgresRateLimiter, make_rate_limiter
 from tests.connectors.support import drain
 from tests.fakes.upstreams import LinkApi
 

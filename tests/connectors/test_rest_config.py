@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from connectors import registry
+from connectors.base import ConnectorContext
 from connectors.rest import RestConnector
 from connectors.transforms import POLICIES
 from pipeline.errors import ConfigError, ConnectorError
@@ -18,7 +19,7 @@ Config = dict[str, Any]
 
 SCHEDULE_CONFIG: Config = {
     "base_url": "https://api.example.com/",
-    "auth": {"type": "bearer", "token_env": "SCHEDULE_API_TOKEN"},
+    "auth": {"type": "bearer", "token_env": "CONNECTOR_SCHEDULE_API_TOKEN"},
     "timeout_s": 30,
     "rate_limit": {"requests_per_second": 5},
     "resources": {
@@ -103,7 +104,7 @@ def test_every_paginator_shape_of_the_issue_is_accepted() -> None:
         (lambda c: c.update(resources={}), "resources"),
         (lambda c: c.update(auth={"type": "basic"}), "auth.type"),
         (lambda c: c["auth"].update(token_env="sk live 123"), "auth.token_env"),
-        (lambda c: c.update(auth={"type": "header", "name": "X-Api-Key"}), "auth.value_env"),
+        (lambda c: c.update(auth={"type": "header", "name": "X-Api-Key"}), "auth"),  # neither value nor value_env
         (lambda c: c.update(base_url="ftp://api.example.com"), "base_url"),
         (lambda c: c.pop("base_url"), "base_url"),
         (lambda c: c.update(timeout_s=0), "timeout_s"),
@@ -165,7 +166,8 @@ def test_unknown_resource_is_a_connector_error_naming_the_offered_ones() -> None
 
 
 def test_reprs_name_secret_variables_only() -> None:
-    connector = RestConnector(SCHEDULE_CONFIG, environ={"SCHEDULE_API_TOKEN": "tok-value-123"})
+    context = ConnectorContext(environ={"CONNECTOR_SCHEDULE_API_TOKEN": "tok-value-123"})
+    connector = RestConnector(SCHEDULE_CONFIG, context=context)
     text = repr(connector.config) + repr(connector.__dict__) + repr(connector._http.__dict__)
-    assert "SCHEDULE_API_TOKEN" in text
+    assert "CONNECTOR_SCHEDULE_API_TOKEN" in text
     assert "tok-value-123" not in text

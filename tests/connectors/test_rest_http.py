@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 
 from connectors.base import FetchRequest
-from connectors.rest import RestConnector
 from connectors.rest.http import parse_retry_after
 from connectors.transforms import dedupe
 from pipeline.errors import ConfigError, UpstreamError
-from tests.connectors.support import SECRET, drain, records_of
+from tests.connectors.support import SECRET, drain, loopback_connector, records_of
 from tests.fakes.upstreams import CloseApi, LinkApi, ScheduleApi, StripeApi
 
 FAST_RETRY = {"max_attempts": 4, "backoff_s": 0.01, "max_backoff_s": 0.05}
@@ -111,7 +110,7 @@ def test_persistent_500s_give_up_as_a_retryable_error(stripe_api: StripeApi) -> 
 
 def test_a_retry_after_past_the_deadline_fails_at_once_as_retryable(stripe_api: StripeApi) -> None:
     stripe_api.fail_next("rate_limit", 1, retry_after=30)
-    connector = RestConnector(stripe_config(stripe_api))
+    connector = loopback_connector(stripe_config(stripe_api))
     started = time.monotonic()
     with pytest.raises(UpstreamError) as caught:
         connector.fetch(
@@ -129,7 +128,7 @@ def test_a_failure_after_the_first_page_ends_the_chunk_and_keeps_its_pages(strip
     config["resources"]["customers"]["paginator"]["limit"] = 10
     stripe_api.fail_next("server_error", 4, after=1)
     request = FetchRequest(company_id=1, external_id=None, resource="customers", partition="all")
-    connector = RestConnector(config)
+    connector = loopback_connector(config)
     try:
         first = connector.fetch(request)
         assert (len(first.records), first.done, first.state, first.requests) == (10, False, {"cursor": "cus_000009"}, 3)
@@ -226,7 +225,7 @@ def test_every_response_status_reaches_the_metrics_hook(stripe_api: StripeApi) -
     statuses: list[int] = []
     stripe_api.fail_next("rate_limit", 1, retry_after=0)
     stripe_api.fail_next("server_error", 1)
-    connector = RestConnector(stripe_config(stripe_api), on_response=statuses.append)
+    connector = loopback_connector(stripe_config(stripe_api), on_response=statuses.append)
     try:
         connector.fetch(FetchRequest(company_id=1, external_id=None, resource="customers", partition="all"))
     finally:
@@ -236,16 +235,16 @@ def test_every_response_status_reaches_the_metrics_hook(stripe_api: StripeApi) -
 
 def test_bearer_secret_is_sent_but_never_shown(stripe_api: StripeApi) -> None:
     stripe_api.require_header("Authorization", f"Bearer {SECRET}")
-    config = stripe_config(stripe_api, auth={"type": "bearer", "token_env": "STRIPE_KEY"})
+    config = stripe_config(stripe_api, auth={"type": "bearer", "token_env": "CONNECTOR_STRIPE_KEY"})
 
-    chunks = drain(config, "customers", environ={"STRIPE_KEY": SECRET})
+    chunks = drain(config, "customers", environ={"CONNECTOR_STRIPE_KEY": SECRET})
     assert len(records_of(chunks)) == 25
 
     stripe_api.fail_next("unauthorized")
     with pytest.raises(UpstreamError) as caught:
-        drain(config, "customers", environ={"STRIPE_KEY": SECRET})
+        drain(config, "customers", environ={"CONNECTOR_STRIPE_KEY": SECRET})
     assert SECRET not in str(caught.value)
-    connector = RestConnector(config, environ={"STRIPE_KEY": SECRET})
+    connector = loopback_connector(config, environ={"CONNECTOR_STRIPE_KEY": SECRET})
     assert SECRET not in repr(vars(connector)) + repr(vars(connector._http))
     connector.close()
 
@@ -254,19 +253,19 @@ def test_header_secret_is_sent_from_its_variable(close_api: CloseApi) -> None:
     close_api.require_header("X-Api-Key", SECRET)
     config = {
         "base_url": close_api.base_url,
-        "auth": {"type": "header", "name": "X-Api-Key", "value_env": "CLOSE_KEY"},
+        "auth": {"type": "header", "name": "X-Api-Key", "value_env": "CONNECTOR_CLOSE_KEY"},
         "resources": {"leads": {"path": "/api/v1/lead/", "records": "data", "primary_key": "id"}},
     }
 
-    assert len(records_of(drain(config, "leads", environ={"CLOSE_KEY": SECRET}))) == 25
+    assert len(records_of(drain(config, "leads", environ={"CONNECTOR_CLOSE_KEY": SECRET}))) == 25
     with pytest.raises(UpstreamError, match="HTTP 401"):
-        drain(config, "leads", environ={"CLOSE_KEY": "wrong"})
+        drain(config, "leads", environ={"CONNECTOR_CLOSE_KEY": "wrong"})
 
 
 def test_a_missing_secret_variable_is_a_config_error_naming_it(stripe_api: StripeApi) -> None:
-    config = stripe_config(stripe_api, auth={"type": "bearer", "token_env": "STRIPE_KEY"})
+    config = stripe_config(stripe_api, auth={"type": "bearer", "token_env": "CONNECTOR_STRIPE_KEY"})
 
-    with pytest.raises(ConfigError, match="environment variable STRIPE_KEY is not set"):
+    with pytest.raises(ConfigError, match="environment variable CONNECTOR_STRIPE_KEY is not set"):
         drain(config, "customers", environ={})
     assert stripe_api.requests == []
 

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from connectors.base import FetchRequest
-from connectors.rest import RestConnector
 from connectors.transforms import dedupe, schedule
 from pipeline.errors import ConfigError, ConnectorError
-from tests.connectors.support import drain, records_of
+from tests.connectors.support import drain, loopback_connector, records_of
 from tests.fakes.upstreams import CloseApi, FakeUpstream, ScheduleApi, StripeApi, _ListApi
 
 DAY = "2024-05-01"
@@ -169,7 +168,7 @@ def test_schedule_pages_feed_the_schedule_transform(schedule_api: ScheduleApi) -
 
 def test_a_chunk_past_its_deadline_stops_after_one_page(stripe_api: StripeApi) -> None:
     resource = CASES["cursor from the last primary key"].resource
-    connector = RestConnector({"base_url": stripe_api.base_url, "resources": {"customers": resource}})
+    connector = loopback_connector({"base_url": stripe_api.base_url, "resources": {"customers": resource}})
     try:
         chunk = connector.fetch(
             FetchRequest(
@@ -202,7 +201,7 @@ def test_external_id_and_partition_are_filled_into_params(schedule_api: Schedule
 
 def test_a_saved_state_that_does_not_fit_the_paginator_is_a_clear_error(close_api: CloseApi) -> None:
     resource = CASES["offset with has_more"].resource
-    connector = RestConnector({"base_url": close_api.base_url, "resources": {"leads": resource}})
+    connector = loopback_connector({"base_url": close_api.base_url, "resources": {"leads": resource}})
     request = FetchRequest(company_id=1, external_id=None, resource="leads", partition="all", state={"page": 3})
     try:
         with pytest.raises(ConnectorError, match="does not fit its offset paginator"):

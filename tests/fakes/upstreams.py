@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -549,3 +550,123 @@ class LinkApi(_ListApi):
         if variant == "not_list":
             return "items unavailable"
         return {"message": "Server Error"}
+
+
+class _StreamingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+    server: _StreamingServer
+
+    def do_GET(self) -> None:
+        self.server.fake.serve(self)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _StreamingServer(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: BigPageApi
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that stopped reading is the point
+            super().handle_error(request, client_address)
+
+
+class BigPageApi:
+    """``GET /items``: one JSON list of ``size`` bytes (records of ~1 KiB), streamed with chunked
+    transfer encoding — no ``Content-Length``, so a client learns the size only by reading.
+
+    ``declare_length`` sends a ``Content-Length`` instead. ``bytes_sent`` counts body bytes the
+    client accepted before it stopped reading; ``requests`` is how many requests arrived.
+    ``redirect_to`` answers every request with a 302 there instead; ``echo_auth`` answers 401
+    with the request's ``Authorization`` header in the body, as careless APIs do.
+    """
+
+    def __init__(
+        self, size: int = 10_000, *, declare_length: bool = False, redirect_to: str | None = None,
+        echo_auth: bool = False,
+    ) -> None:
+        self.size = size
+        self.declare_length = declare_length
+        self.redirect_to = redirect_to
+        self.echo_auth = echo_auth
+        self.bytes_sent = 0
+        self.requests = 0
+        self._server: _StreamingServer | None = None
+
+    def _body(self) -> Iterable[bytes]:
+        record = b'{"id": %d, "pad": "' + b"x" * 1000 + b'"}'
+        yield b"["
+        sent, index = 1, 0
+        while sent < self.size - 1_100:
+            piece = (b"," if index else b"") + record % index
+            yield piece
+            sent += len(piece)
+            index += 1
+        tail = self.size - sent - 1
+        yield b'"' + b" " * max(0, tail - 2) + b'"]' if not index else b" " * max(0, tail) + b"]"
+
+    def _pieces(self) -> Iterable[bytes]:
+        buffer = bytearray()
+        for piece in self._body():
+            buffer += piece
+            if len(buffer) >= 256 * 1024:
+                yield bytes(buffer)
+                buffer.clear()
+        if buffer:
+            yield bytes(buffer)
+
+    def _short(self, handler: BaseHTTPRequestHandler, status: int, body: bytes, **headers: str) -> None:
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def serve(self, handler: BaseHTTPRequestHandler) -> None:
+        self.requests += 1
+        if self.redirect_to is not None:
+            self._short(handler, 302, b"", Location=self.redirect_to)
+            return
+        if self.echo_auth:
+            sent = handler.headers.get("Authorization", "")
+            self._short(handler, 401, f'{{"error": "invalid credentials {sent}"}}'.encode())
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        if self.declare_length:
+            handler.send_header("Content-Length", str(self.size))
+        else:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for piece in self._pieces():
+                if self.declare_length:
+                    handler.wfile.write(piece)
+                else:
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.bytes_sent += len(piece)
+            if not self.declare_length:
+                handler.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True
+
+    def __enter__(self) -> Self:
+        server = _StreamingServer(("127.0.0.1", 0), _StreamingHandler)
+        server.fake = self
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "the fake is not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"

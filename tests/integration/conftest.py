@@ -18,18 +18,28 @@ from typing import Any
 
 import dramatiq
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import text
 
 from actors.broker import make_broker
 from actors.inprocess import running_worker
 from actors.tasks import Actors, declare_actors
+from pipeline.companies import add_company
 from pipeline.migrate import upgrade
-from pipeline.models import Base
+from pipeline.models import Base, Company
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings, load_settings, settings_environment
 from tests.services import S3Service
 
 FAST_RETRIES = {"retry_min_backoff_ms": 50, "retry_max_backoff_ms": 200}
+# The fake upstreams listen on loopback, which the SSRF guard refuses unless allowlisted.
+LOOPBACK_UPSTREAMS = {"upstream_allowlist": "127.0.0.0/8"}
+TEST_SECRETS_KEY = Fernet.generate_key().decode()
+
+
+def add_rest_company(rt: Runtime, **kwargs: Any) -> Company:
+    """``add_company`` as the API and CLI call it: under the runtime's allowlist and secrets key."""
+    return add_company(rt.engine, context=rt.connector_context, secrets=rt.secrets, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +61,8 @@ def make_settings(
             "database_url": migrated_url, "broker_url": amqp_url, "blob_url": f"s3://{s3_bucket}",
             "s3_endpoint": s3_service.endpoint, "s3_access_key": s3_service.access_key,
             "s3_secret_key": s3_service.secret_key, "s3_secure": s3_service.secure,
-            "queue_name": queue, "task_time_budget_s": 30, **FAST_RETRIES,
+            "queue_name": queue, "task_time_budget_s": 30, **FAST_RETRIES, **LOOPBACK_UPSTREAMS,
+            "secrets_key": TEST_SECRETS_KEY,
         }
         values.update(overrides)
         return load_settings(**values)

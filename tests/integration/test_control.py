@@ -55,11 +55,13 @@ def test_post_sync_answers_before_any_task_runs_and_progress_rises_to_100_with_a
         elapsed = time.perf_counter() - started
         assert answer.status_code == 202, answer.text
         body = answer.json()
-        assert body["status"] == "pending" and body["total_tasks"] == 5
+        assert body["status"] == "planning" and body["total_tasks"] == 0
         assert body["resource_types"] == ["schedule"]
         assert body["status_url"] == f"/sync/jobs/{body['job_id']}"
         assert body["events_url"] == f"/sync/jobs/{body['job_id']}/events"
-        assert set(task_statuses(stack, body["job_id"])) == {"pending"}, "no task may run before the answer"
+        assert task_statuses(stack, body["job_id"]) == [], "the coordinator plans the tasks, after the answer"
+        planning = client.get(body["status_url"]).json()
+        assert planning["status"] == "planning" and planning["progress"]["percent"] == 0
         assert elapsed < 0.5, f"POST /sync took {elapsed:.3f}s"
 
         samples: list[dict[str, Any]] = []
@@ -109,8 +111,9 @@ def test_sse_client_receives_every_task_transition_and_the_final_state_in_order(
     assert names[0] == "snapshot" and names[-1] == "end"
     assert names.count("snapshot") == 1 and names.count("end") == 1
     snapshot, final = events[0][1], events[-1][1]
-    assert {task["status"] for task in snapshot["tasks"]} == {"pending"}
+    assert snapshot["status"] == "planning" and snapshot["tasks"] == [], "tasks appear once the coordinator ran"
     assert final["status"] == "completed" and final["progress"]["percent"] == 100
+    assert next(data["status"] for name, data in events if name == "progress") == "pending", "planned, then run"
 
     with stack.engine.connect() as conn:
         db_tasks = {row.id: row for row in conn.execute(select(TASKS).where(TASKS.c.job_id == uuid.UUID(job_id)))}
@@ -244,7 +247,7 @@ def test_a_company_at_the_unfinished_jobs_cap_gets_429(stack: Runtime, actors: A
         assert client.post("/sync", json={"company_ids": [first]}).status_code == 202
 
         listed = client.get("/sync/jobs", params={"company_id": first}).json()
-        assert len(listed) == 3 and {job["status"] for job in listed} == {"pending", "cancelled"}
+        assert len(listed) == 3 and {job["status"] for job in listed} == {"planning", "cancelled"}
         pending = client.get("/sync/jobs", params={"company_id": second, "status": "pending"}).json()
         assert len(pending) == 2
 

@@ -12,14 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from actors.tasks import Actors
-from pipeline.companies import add_company
 from pipeline.models import Dataset, JobLog, SyncTask
 from pipeline.planning import plan_job
 from pipeline.progress import job_progress
 from pipeline.runtime import Runtime
 from pipeline.sweeper import sweep
 from tests.fakes.upstreams import CloseApi, FakeUpstream, LinkApi, ScheduleApi, StripeApi
-from tests.integration.conftest import WorkerFleet
+from tests.integration.conftest import WorkerFleet, add_rest_company
 from tests.invariants import check_datasets, check_job_counters
 from tests.services import S3Service, wait_for
 
@@ -81,7 +80,7 @@ def test_every_paginator_publishes_every_record_once_across_continuation_message
     worker: dramatiq.Worker, s3_service: S3Service, s3_bucket: str,
 ) -> None:
     api: FakeUpstream = request.getfixturevalue(fixture)
-    company = add_company(stack.engine, name="c", connector="rest", config=list_config(api, resource)).id
+    company = add_rest_company(stack, name="c", connector="rest", config=list_config(api, resource)).id
     job = run_job(stack, actors)
     assert check_job_counters(stack.engine, job.job_id) == {"completed": 1}
     records = document_of(stack, company, "items")["records"]
@@ -100,10 +99,10 @@ def test_upstream_failures_fail_only_their_task_with_the_reason(
 ) -> None:
     schedule_api.require_header("Authorization", "Bearer right")
     base = schedule_config(schedule_api)
-    unauthorized = add_company(stack.engine, name="no auth", connector="rest", config=base).id
-    os.environ["TEST_UPSTREAM_TOKEN"] = "right"  # the worker runs in this process
-    good = add_company(stack.engine, name="good", connector="rest",
-                       config={**base, "auth": {"type": "bearer", "token_env": "TEST_UPSTREAM_TOKEN"}}).id
+    unauthorized = add_rest_company(stack, name="no auth", connector="rest", config=base).id
+    os.environ["CONNECTOR_TEST_UPSTREAM_TOKEN"] = "right"  # the worker runs in this process
+    good = add_rest_company(stack, name="good", connector="rest",
+                       config={**base, "auth": {"type": "bearer", "token_env": "CONNECTOR_TEST_UPSTREAM_TOKEN"}}).id
     job = run_job(stack, actors)
     states = check_job_counters(stack.engine, job.job_id)
     assert states == {"completed": 1, "failed": 1}
@@ -118,7 +117,7 @@ def test_upstream_failures_fail_only_their_task_with_the_reason(
 def test_not_success_envelope_and_malformed_pages_name_the_problem(
     stack: Runtime, actors: Actors, worker: dramatiq.Worker, schedule_api: ScheduleApi
 ) -> None:
-    company = add_company(stack.engine, name="c", connector="rest", config=schedule_config(schedule_api, size=50)).id
+    company = add_rest_company(stack, name="c", connector="rest", config=schedule_config(schedule_api, size=50)).id
     schedule_api.fail_next("not_success", 1, message="Company is suspended")
     run_job(stack, actors)
     schedule_api.fail_next("malformed", 1, variant="not_list")
@@ -135,7 +134,7 @@ def test_rate_limited_and_flaky_upstream_still_completes(
 ) -> None:
     config = schedule_config(schedule_api, size=5)
     config["retry"] = {"max_attempts": 5, "backoff_s": 0.05, "max_backoff_s": 0.2, "max_wait_s": 10}
-    add_company(stack.engine, name="c", connector="rest", config=config)
+    add_rest_company(stack, name="c", connector="rest", config=config)
     schedule_api.fail_next("rate_limit", 2, retry_after=1)
     schedule_api.fail_next("server_error", 2)
     job = run_job(stack, actors)
@@ -153,8 +152,8 @@ def test_incremental_sync_asks_only_for_changes_and_equals_a_full_sync(
                 "incremental": {"param": "updated_since", "field": "updated_at"},
                 "paginator": {"type": "offset", "offset_param": "_skip", "limit_param": "_limit", "limit": 10,
                               "has_more": "has_more"}}
-    incremental = add_company(stack.engine, name="inc", connector="rest", config=list_config(close_api, resource)).id
-    full = add_company(stack.engine, name="full", connector="rest", config=list_config(close_api, resource)).id
+    incremental = add_rest_company(stack, name="inc", connector="rest", config=list_config(close_api, resource)).id
+    full = add_rest_company(stack, name="full", connector="rest", config=list_config(close_api, resource)).id
     run_job(stack, actors, company_ids=[incremental], mode="incremental")  # no bookmark yet: everything
     changed_ids = [r["id"] for r in close_api.records()[3:6]]
     updated_at = close_api.touch(changed_ids, display_name="renamed")
@@ -178,7 +177,7 @@ def test_sigkill_mid_task_repeats_at_most_one_chunk_of_requests(
     worker_fleet.settings = stack.settings.model_copy(update={"lease_s": 2.0})
     resource = dict(PAGINATED["stripe cursor"][1])
     resource["paginator"] = {**resource["paginator"], "limit": 5}
-    company = add_company(stack.engine, name="big", connector="rest",
+    company = add_rest_company(stack, name="big", connector="rest",
                           config=list_config(stripe_api, resource, pages_per_chunk=2)).id
     first = worker_fleet.start(threads=1)
     job = plan_job(stack.engine, actors, trigger="cli")
@@ -212,7 +211,7 @@ def test_two_worker_processes_never_exceed_the_upstream_rate_limit(
     resource = {"path": "/items", "params": {"per_page": 3}, "primary_key": "id", "paginator": {"type": "link"}}
     config = {**list_config(link_api, resource, pages_per_chunk=50), "rate_limit": {"requests_per_second": 5}}
     for index in range(2):
-        add_company(stack.engine, name=f"c{index}", connector="rest", config=config)
+        add_rest_company(stack, name=f"c{index}", connector="rest", config=config)
     worker_fleet.start(threads=1)
     worker_fleet.start(threads=1)
     job = plan_job(stack.engine, actors, trigger="cli")
@@ -230,7 +229,7 @@ def test_two_worker_processes_never_exceed_the_upstream_rate_limit(
 def test_page_paginator_publishes_the_whole_schedule_across_continuation_messages(
     stack: Runtime, actors: Actors, worker: dramatiq.Worker, schedule_api: ScheduleApi
 ) -> None:
-    company = add_company(stack.engine, name="c", connector="rest", config=schedule_config(schedule_api)).id
+    company = add_rest_company(stack, name="c", connector="rest", config=schedule_config(schedule_api)).id
     job = run_job(stack, actors)
     assert check_job_counters(stack.engine, job.job_id) == {"completed": 1}
     with stack.engine.connect() as conn:

@@ -8,9 +8,6 @@ with ``pytest -m soak``. Soak runs are left out unless a ``-m`` expression asks 
 from __future__ import annotations
 
 import fcntl
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,24 +33,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def reliability_s3(request: pytest.FixtureRequest) -> Iterator[S3Service]:
-    """The S3 server: ``PIPELINE_S3_ENDPOINT`` (or MinIO in Docker) as for every test; otherwise
-    moto in a process of its own rather than in the test process, because a few thousand
-    uploads per test would otherwise compete with the harness for one interpreter lock."""
-    if os.environ.get("PIPELINE_S3_ENDPOINT") or services.docker_available():
-        yield request.getfixturevalue("s3_service")
-        return
-    port = services.free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        services.wait_for(lambda: services.port_open("127.0.0.1", port), timeout=30, what="moto's S3 server")
-        yield S3Service(f"127.0.0.1:{port}", "testing", "testing")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def reliability_s3(s3_service: S3Service) -> S3Service:
+    """The session's S3 server (``PIPELINE_S3_ENDPOINT``, MinIO in Docker, else SeaweedFS, which
+    runs in a process of its own, so thousands of uploads do not compete with the harness)."""
+    return s3_service
 
 
 @pytest.fixture

@@ -340,7 +340,7 @@ class Harness:
         ``expect`` gives ``jobs_per_day`` and ``employees`` of a non-synthetic upstream, for
         ``expected_records``.
         """
-        registry.validate(connector, config)
+        registry.validate(connector, config, context=self.rt.connector_context)
         now = utcnow()
         tag = uuid.uuid4().hex[:6]
         rows = [
@@ -525,6 +525,7 @@ def build_harness(
         "lease_s": 4.0, "pending_grace_s": 3.0, "task_time_budget_s": 10.0,
         "retry_min_backoff_ms": 200, "retry_max_backoff_ms": 2_000,
         "worker_threads": size.threads, "log_level": "WARNING",
+        "upstream_allowlist": "127.0.0.0/8",  # the fake upstreams and the fault proxies are on loopback
     }
     values.update(overrides)
     worker_settings = load_settings(**values)

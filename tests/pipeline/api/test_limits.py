@@ -229,6 +229,6 @@ def test_the_document_uses_json_schema_keywords_only_and_configs_are_a_union_on_
     assert body["discriminator"]["propertyName"] == "connector"
     assert set(body["discriminator"]["mapping"]) == {"rest", "synthetic"}
     schemas = document["components"]["schemas"]
-    assert schemas["RestCompanyIn"]["properties"]["config"] == {"$ref": "#/components/schemas/RestConfig"}
+    assert schemas["RestCompanyIn"]["properties"]["config"]["$ref"] == "#/components/schemas/RestConfig"
     assert "pattern" in schemas["RestConfig"]["properties"]["base_url"]
 
