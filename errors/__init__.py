@@ -49,6 +49,11 @@ class ConfigError(PipelineError):
     default_kind = FailureKind.PERMANENT
 
 
+class ForbiddenUpstream(ConfigError):
+    """A config names an upstream the operator's network policy refuses (an IP literal outside
+    ``PIPELINE_UPSTREAM_ALLOWLIST``): the request is well formed, the policy forbids it."""
+
+
 class NotFound(PipelineError):
     """A company, job, task or dataset does not exist."""
 

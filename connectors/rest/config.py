@@ -53,19 +53,26 @@ TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:partition|external_id)\})*$"
 """A ``str.format`` template whose only fields are ``{partition}`` and ``{external_id}``."""
 USES_PARTITION_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{external_id\})*\{partition\}"
 """A (valid) template that uses ``{partition}``."""
+_V4 = r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_H = r"[0-9A-Fa-f]{1,4}"
+_V6 = (  # every textual IPv6 form (RFC 4291 §2.2) ipaddress accepts, zone ids aside
+    rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}"
+    rf"|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
+    rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:)|::(?:[Ff]{{4}}(?::0{{1,4}})?:)?{_V4}|(?:{_H}:){{1,4}}:{_V4})"
+)
 BASE_URL_PATTERN = (
-    r"^https?://[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
+    rf"^https?://(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[{_V6}\])"
     r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
     r"(?:/[^?#\x00-\x20\x7f]*)?$"
 )
-r"""http(s), a host name or IPv4 address (no user info: credentials never sit in a URL), an optional
-port and path (no spaces or control characters; written out, since generators and ``re`` disagree on
-what ``\s`` covers), no query or fragment."""
+r"""http(s), a host name, an IPv4 address or a bracketed IPv6 one (no user info: credentials never
+sit in a URL), an optional port and path (no spaces or control characters; written out, since
+generators and ``re`` disagree on what ``\s`` covers), no query or fragment."""
 _DAILY: JsonDict = {"const": "daily"}
 _PARTITION_TEMPLATE: JsonDict = {"type": "string", "pattern": USES_PARTITION_PATTERN}
 _TRANSFORM_NAMES: list[JsonValue] = [*sorted(TRANSFORMS)]
 
-_ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_VAR = ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 # Not starting with '.': '.', '..' and '.x' would be reserved blob key segments (defect 4).
 _RESOURCE = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
@@ -95,6 +102,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _one_of(inline: str, env: str) -> JsonDict:
+    """``_exactly_one`` as JSON Schema: one of the two keys set (a string), the other null or absent."""
+    return {
+        "anyOf": [
+            {"required": [inline], "properties": {inline: {"type": "string"}, env: {"type": "null"}}},
+            {"required": [env], "properties": {env: {"type": "string"}, inline: {"type": "null"}}},
+        ]
+    }
+
+
 def _exactly_one(inline: SecretStr | None, env: str | None, names: tuple[str, str]) -> None:
     if (inline is None) == (env is None):
         raise ValueError(f"give exactly one of {names[0]} (the secret, stored encrypted) and {names[1]}")
@@ -102,6 +119,8 @@ def _exactly_one(inline: SecretStr | None, env: str | None, names: tuple[str, st
 
 class BearerAuth(_Model):
     """``Authorization: Bearer <token>``; the token inline or from the variable ``token_env``."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of("token", "token_env"))
 
     type: Literal["bearer"]
     token: SecretValue | None = None
@@ -119,6 +138,8 @@ class BearerAuth(_Model):
 
 class HeaderAuth(_Model):
     """``<name>: <value>``, e.g. ``X-Api-Key``; the value inline or from the variable ``value_env``."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of("value", "value_env"))
 
     type: Literal["header"]
     name: HeaderName

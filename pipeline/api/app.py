@@ -12,12 +12,14 @@ caches through ``pipeline.api.deps.State`` (``app.state.api``).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
+from connectors.rest.config import ENV_VAR_PATTERN
 from pipeline.api import companies, control, metrics, read
 from pipeline.api.deps import ApiState
 from pipeline.api.errors import BODY_RESPONSES, install_error_handlers
@@ -87,14 +89,15 @@ def create_app(
     app.include_router(metrics.router)
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.api_max_body_bytes)
     app.add_middleware(metrics.RequestLatency)
-    _document_body_errors(app)
+    _document_body_errors(app, runtime)
     return app
 
 
-def _document_body_errors(app: FastAPI) -> None:
+def _document_body_errors(app: FastAPI, runtime: Runtime) -> None:
     """Add the 400 (unparseable body) and 413 (``BodyLimit``) answers to every operation taking a body,
-    and state that no string in a request body may hold U+0000 (PostgreSQL cannot store it; the
-    company endpoints refuse it with 422).
+    and state what the request models check beyond their own schema: no string may hold U+0000
+    (PostgreSQL cannot store it; 422), and environment references (``token_env``, ``value_env``)
+    start with this deployment's ``PIPELINE_CONNECTOR_ENV_PREFIX``.
 
     Done on the generated document rather than route by route, so a new route with a body cannot
     be left undocumented.
@@ -119,6 +122,7 @@ def _document_body_errors(app: FastAPI) -> None:
                         },
                     )
         _forbid_nul_in_request_bodies(schema)
+        _state_env_prefix(schema, runtime.settings.connector_env_prefix)
         app.openapi_schema = schema
         return schema
 
@@ -193,3 +197,21 @@ def _no_nul(node: Any, constrained: set[int]) -> None:
     for key, value in node.items():
         if key != "not":  # constraining a negated schema would widen what it accepts
             _no_nul(value, constrained)
+
+
+def _state_env_prefix(document: dict[str, Any], prefix: str) -> None:
+    """Narrow every environment-variable-name pattern to the names this deployment allows."""
+    allowed = "^" + re.escape(prefix) + "[A-Za-z0-9_]*$"
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("pattern") == ENV_VAR_PATTERN:
+                node["pattern"] = allowed
+                node["description"] = f"The name of an environment variable starting with {prefix}"
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(document)

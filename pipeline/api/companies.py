@@ -35,7 +35,7 @@ from pipeline.companies import (
     nul_character_at,
     update_company,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ForbiddenUpstream
 from pipeline.models import Company
 from pipeline.secrets import redact
 
@@ -46,6 +46,13 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"
 CompanyIdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 Toggles = Annotated[dict[str, bool], Field(description="Feature toggles: name → true/false")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such company"}}
+FORBIDDEN_UPSTREAM: dict[int | str, dict[str, Any]] = {
+    403: {
+        "model": ErrorBody,
+        "description": "The config names an IP-literal upstream the network policy refuses"
+        " (PIPELINE_UPSTREAM_ALLOWLIST)",
+    }
+}
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "The external id is taken, or the config is for another connector"}
 }
@@ -167,7 +174,11 @@ class CompanyOut(BaseModel):
 
 
 @router.post(
-    "/companies", status_code=201, response_model=CompanyOut, responses=CONFLICT, summary="Add a company"
+    "/companies",
+    status_code=201,
+    response_model=CompanyOut,
+    responses={**CONFLICT, **FORBIDDEN_UPSTREAM},
+    summary="Add a company",
 )
 def post_company(body: CompanyIn, state: State) -> Any:
     config = body.sent_config()
@@ -185,6 +196,8 @@ def post_company(body: CompanyIn, state: State) -> Any:
         )
     except DuplicateCompany as exc:
         return error_response(409, "conflict", str(exc))
+    except ForbiddenUpstream as exc:
+        return error_response(403, "upstream_refused", str(exc))
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
     return CompanyOut.of(company)
@@ -223,7 +236,7 @@ def _valid(model: type[BaseModel], config: dict[str, Any]) -> bool:
 @router.patch(
     "/companies/{company_id}",
     response_model=CompanyOut,
-    responses={**NOT_FOUND, **CONFLICT},
+    responses={**NOT_FOUND, **CONFLICT, **FORBIDDEN_UPSTREAM},
     summary="Change a company's name, connector config, feature toggles or sync switch",
 )
 def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -> Any:
@@ -247,6 +260,8 @@ def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -
             context=state.runtime.connector_context,
             secrets=state.runtime.secrets,
         )
+    except ForbiddenUpstream as exc:
+        return error_response(403, "upstream_refused", str(exc))
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
     return CompanyOut.of(company)
