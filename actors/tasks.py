@@ -70,10 +70,17 @@ def _publish_batch(broker: RabbitmqBroker, actor: dramatiq.Actor[[int], None], t
     socket after every message: publishing took 80 % of planning 80,000 tasks, and planning
     1.4–2.2× as long as a bare COPY plus a bare pika publish (docs/benchmarks.md). Here the
     same Dramatiq messages (same encoder, same properties, enqueue hooks called) are queued on
-    the broker's channel for this thread and flushed once per batch — through pika's private
-    ``_impl`` / ``_flush_output``, which its public ``basic_publish`` itself calls. If the
+    the broker's channel for this thread and flushed once per batch with the public
+    ``BlockingConnection.process_data_events(0)``, which writes out everything pending. If the
     connection breaks, the batch goes again through ``broker.enqueue``, which reconnects and
     retries: a duplicate costs one failed claim.
+
+    Queuing a message without the flush still takes pika's private ``BlockingChannel._impl``
+    (the underlying asynchronous channel, whose ``basic_publish`` only buffers): no public
+    batching path exists. ``BlockingChannel.basic_publish`` flushes every message by design, so
+    its errors surface at the call; pika's asynchronous adapters publish without flushing, but
+    only on a connection driven by their own I/O loop, not on the blocking connection Dramatiq
+    owns; AMQP 0-9-1 itself has no multi-message publish.
     """
     messages = [actor.message(task_id) for task_id in task_ids]
     properties = pika.BasicProperties(delivery_mode=2)
@@ -85,7 +92,7 @@ def _publish_batch(broker: RabbitmqBroker, actor: dramatiq.Actor[[int], None], t
             # pika's own basic_publish minus the per-message flush (no confirms on this broker).
             channel._impl.basic_publish(exchange="", routing_key=actor.queue_name, body=message.encode(),
                                         properties=properties)
-        channel._flush_output()
+        broker.connection.process_data_events(time_limit=0)
     except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
         del broker.connection
         for message in messages:

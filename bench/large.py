@@ -152,8 +152,10 @@ def add_company(rt: Runtime, records: int, name: str) -> int:
     return company
 
 
-def run_case(st: Stack, blob: str, records: int, processes: int, threads: int, budget_s: float) -> list[Row]:
-    rt = Runtime.from_settings(st.settings(blob=blob, task_time_budget_s=budget_s))
+def run_case(st: Stack, blob: str, records: int, processes: int, threads: int, budget_s: float,
+             lease_s: float | None = None) -> list[Row]:
+    overrides = {} if lease_s is None else {"lease_s": lease_s}
+    rt = Runtime.from_settings(st.settings(blob=blob, task_time_budget_s=budget_s, **overrides))
     try:
         company = add_company(rt, records, f"large-{blob}-{uuid.uuid4().hex[:8]}")
         partition = utcnow().date().isoformat()
@@ -195,6 +197,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads per worker process (default 2)")
     parser.add_argument("--budget", type=float, help=f"TASK_TIME_BUDGET_S (default {BUDGET_S:g}; --quick: "
                                                      f"{QUICK_BUDGET_S:g})")
+    parser.add_argument("--lease", type=float, help="PIPELINE_LEASE_S (default budget × 2 + 30); shorter than the "
+                                                    "final assembly exercises the lease heartbeat")
     args = parser.parse_args(argv)
     local = args.local_records if args.local_records is not None else (50_000 if args.quick else 1_000_000)
     remote = args.s3_records if args.s3_records is not None else (20_000 if args.quick else 200_000)
@@ -205,11 +209,11 @@ def main(argv: list[str]) -> int:
         print(f"large: pages of {PAGE_SIZE:,} records, TASK_TIME_BUDGET_S={budget:g}, {args.processes} worker "
               f"processes × {args.threads} threads", flush=True)
         if local:
-            rows += retrying_blips(partial(run_case, st, "local", local, args.processes, args.threads, budget),
-                                   what="large, local")
+            rows += retrying_blips(partial(run_case, st, "local", local, args.processes, args.threads, budget,
+                                           args.lease), what="large, local")
         if remote:
-            rows += retrying_blips(partial(run_case, st, "s3", remote, args.processes, args.threads, budget),
-                                   what="large, S3")
+            rows += retrying_blips(partial(run_case, st, "s3", remote, args.processes, args.threads, budget,
+                                           args.lease), what="large, S3")
     print_table(rows)
     print(load_line())
     return 0 if all(r.met is not False for r in rows) else 1

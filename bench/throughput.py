@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import psycopg
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 
 from actors.broker import make_broker
 from actors.tasks import declare_actors
@@ -185,8 +185,14 @@ def cpu_window(st: Stack, running: Fleet) -> CpuWindow:
     return CpuWindow(groups).start()
 
 
-def round_trips(rt: Runtime) -> tuple[Trips, Trips]:
-    """Round trips per task of a first sync and of an unchanged one, probed in this process."""
+def wal_lsn(rt: Runtime) -> int:
+    with rt.engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one())
+
+
+def round_trips(rt: Runtime) -> tuple[Trips, Trips, list[float]]:
+    """Round trips per task of a first sync and of an unchanged one, probed in this process, and
+    the WAL written per task meanwhile (cluster-wide: an upper bound on a shared server)."""
     now = utcnow()
     with rt.engine.begin() as conn:
         company: int = conn.execute(insert(COMPANIES).values(
@@ -195,11 +201,25 @@ def round_trips(rt: Runtime) -> tuple[Trips, Trips]:
             created_at=now, updated_at=now,
         ).returning(COMPANIES.c.id)).scalar_one()
     found = []
+    wal = []
     for _ in range(2):
         planned = plan_job(rt.engine, None, trigger="schedule", resources=["schedule"], company_ids=[company])
         assert planned is not None
+        before = wal_lsn(rt)
         found.append(probe(rt, lambda runtime, task_id: run_task(runtime, task_id), planned.task_ids))
-    return found[0], found[1]
+        wal.append((wal_lsn(rt) - before) / len(planned.task_ids))
+    return found[0], found[1], wal
+
+
+def footprint(rt: Runtime) -> dict[str, tuple[int, float]]:
+    """Rows and bytes per row (table + indexes + TOAST) of the tables that grow with syncs."""
+    sizes = {}
+    with rt.engine.connect() as conn:
+        for table in ("sync_tasks", "datasets", "job_log", "sync_jobs"):
+            rows = int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+            size = int(conn.execute(text(f"SELECT pg_total_relation_size('{table}')")).scalar_one())
+            sizes[table] = (rows, size / rows if rows else 0.0)
+    return sizes
 
 
 def uploads_since(rt: Runtime, moment: datetime) -> int:
@@ -240,6 +260,8 @@ class Measurement:
     differing: int
     first_trips: Trips
     second_trips: Trips
+    wal_per_task: list[float]
+    footprint: dict[str, tuple[int, float]]
 
 
 def timed(st: Stack, running: Fleet, tasks: int, run: partial[Pass]) -> tuple[Measured, CpuWindow]:
@@ -321,8 +343,9 @@ def measure(tasks: int, process_counts: list[int], threads: int, repeat: int, pr
         if profile is not None:
             with pipeline_fleet(st, rt, process_counts[-1], threads) as our_fleet:
                 profile_first_sync(st, rt, our_fleet, tasks, profile, version=len(process_counts) * repeat)
-        first_trips, second_trips = round_trips(Runtime.from_settings(rt.settings, pre_ping=False))
-    return Measurement(results, differing, first_trips, second_trips)
+        sizes = footprint(rt)
+        first_trips, second_trips, wal = round_trips(Runtime.from_settings(rt.settings, pre_ping=False))
+    return Measurement(results, differing, first_trips, second_trips, wal, sizes)
 
 
 def profile_first_sync(st: Stack, rt: Runtime, running: Fleet, tasks: int, directory: Path, *, version: int) -> None:
@@ -369,6 +392,10 @@ def main(argv: list[str]) -> int:
     print(f"  round trips, first sync: {found.first_trips.describe()}")
     print(f"  round trips, unchanged data: {found.second_trips.describe()}")
     print("  round trips, baseline actor: 1 database round trip (one autocommit upsert) + 1 blob request (put)")
+    print(f"  WAL per task (probe, cluster-wide upper bound): first sync {found.wal_per_task[0]:,.0f} B, "
+          f"unchanged data {found.wal_per_task[1]:,.0f} B")
+    print("  footprint after the runs: " + ", ".join(
+        f"{table} {rows:,} rows × {per_row:,.0f} B" for table, (rows, per_row) in found.footprint.items()))
     print("  scaling, tasks/s by worker processes: pipeline first sync "
           + ", ".join(f"{r.processes}: {r.first.rate:.1f}" for r in found.results)
           + " · baseline actor " + ", ".join(f"{r.processes}: {r.baseline.rate:.1f}" for r in found.results)
@@ -385,7 +412,7 @@ def main(argv: list[str]) -> int:
                 at_most(1.3), note=f"worker processes only; S3 server separately: ours {r.s3_cpu_ms[1]:.1f} ms, "
                                    f"baseline {r.s3_cpu_ms[0]:.1f} ms per task"),
             row("throughput", f"CPU per task, first sync, {at}", r.cpu_ms[1], r.cpu_ms[0], "ms",
-                note="workers + PostgreSQL backends + S3 server + RabbitMQ; less noisy than wall time"),
+                note="workers + PostgreSQL backends + S3 server (weed) + RabbitMQ; less noisy than wall time"),
             row("throughput", f"CPU per task, unchanged data, {at}", r.cpu_ms[2], r.cpu_ms[1], "ms",
                 note="baseline: the first sync"),
         ]

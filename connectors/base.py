@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from connectors.net import NetworkPolicy
 from connectors.policy import FieldPolicy
+
+if TYPE_CHECKING:
+    from connectors.oauth2 import TokenStore
 
 Record = dict[str, Any]
 FetchState = dict[str, Any]
@@ -138,12 +141,15 @@ class ConnectorFactory(Protocol):
 
     ``on_response`` is called with the HTTP status of every upstream response (for metrics);
     connectors that make no HTTP calls ignore it. ``context`` (default: the strictest) says
-    which environment variables and addresses the connector may use.
+    which environment variables and addresses the connector may use. ``tokens`` is the
+    company's OAuth2 token store (``connectors.oauth2.TokenStore``), used by connectors whose
+    config asks for OAuth2.
     """
 
     def __call__(
         self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
         on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
+        tokens: TokenStore | None = None,
     ) -> Connector: ...
 
 

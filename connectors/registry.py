@@ -16,6 +16,7 @@ from connectors.base import (
     ResponseHook,
     SecretPath,
 )
+from connectors.oauth2 import TokenStore
 from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
@@ -42,6 +43,7 @@ def names() -> list[str]:
 def build(
     name: str, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
     on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
+    tokens: TokenStore | None = None,
 ) -> Connector:
     """Build the connector ``name`` from a company's config.
 
@@ -55,7 +57,7 @@ def build(
         raise ConfigError(f"unknown connector {name!r} (known: {', '.join(names())})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"connector config must be a JSON object, got {type(config).__name__}")
-    return factory(config, limiter=limiter, on_response=on_response, context=context)
+    return factory(config, limiter=limiter, on_response=on_response, context=context, tokens=tokens)
 
 
 def validate(name: str, config: Mapping[str, Any], *, context: ConnectorContext | None = None) -> list[SecretPath]:
@@ -83,9 +85,6 @@ def validate(name: str, config: Mapping[str, Any], *, context: ConnectorContext 
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the registry never drags in every connector's deps.
-    import connectors.synthetic
-
-    try:
-        import connectors.rest  # noqa: F401
-    except ImportError:  # the REST connector is optional until it lands
-        pass
+    import connectors.graphql
+    import connectors.rest
+    import connectors.synthetic  # noqa: F401

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
 from connectors.jsontypes import JsonInt
+from connectors.oauth2 import TokenStore
 from connectors.registry import register
 from connectors.transforms import POLICIES
 from errors import ConfigError, ConnectorError, UpstreamError
@@ -79,6 +80,7 @@ class SyntheticConnector:
     def __init__(
         self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
         on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
+        tokens: TokenStore | None = None,
     ) -> None:
         parsed = parse_config(config)
         self.jobs_per_day = parsed.jobs_per_day

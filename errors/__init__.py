@@ -97,6 +97,13 @@ class StorageError(PipelineError):
     default_kind = FailureKind.OUTAGE
 
 
+class StorageAuthError(StorageError):
+    """The S3 service rejected our credentials (bad signature, unknown or revoked key, access
+    denied): a configuration error, so neither an outage to wait out nor worth another attempt."""
+
+    default_kind = FailureKind.PERMANENT
+
+
 class InvalidKey(StorageError):
     """A blob key, prefix or metadata entry breaks the store's naming rules: a bug or bad
     config, never an outage."""
@@ -120,6 +127,14 @@ class DatabaseUnavailable(PipelineError):
     """The database cannot be reached (connection refused, dropped, shutting down)."""
 
     default_kind = FailureKind.OUTAGE
+
+
+class ServiceError(PipelineError):
+    """A service the product depends on is unreachable, refuses our credentials or is not set up
+    (the schema was never migrated). The message names the service, its URL and the fix; the
+    CLI raises it before a command starts (``pipeline.preflight``)."""
+
+    default_kind = FailureKind.PERMANENT
 
 
 class TaskCancelled(PipelineError):

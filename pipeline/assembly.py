@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -236,14 +237,36 @@ def write_ndjson(records: Iterable[Record], *, directory: str | None = None) -> 
 
 
 def read_ndjson(blocks: Iterable[bytes]) -> Iterator[Record]:
-    """Parse NDJSON from a stream of byte blocks (lines may span blocks)."""
-    pending = b""
-    for block in blocks:
-        pending += block
-        lines = pending.split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            if line:
-                yield orjson.loads(line)
-    if pending.strip():
-        yield orjson.loads(pending)
+    """Parse NDJSON from a stream of byte blocks (lines may span blocks).
+
+    The blocks are read as one buffered stream and iterated by line (``io.BufferedReader``),
+    so a line spanning many blocks costs its length once, not once per block.
+    """
+    for line in io.BufferedReader(_BlockStream(iter(blocks)), buffer_size=READ_BUFFER):
+        if line.strip():
+            yield orjson.loads(line)
+
+
+READ_BUFFER = 1024 * 1024
+
+
+class _BlockStream(io.RawIOBase):
+    """An iterator of byte blocks as a readable raw stream."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks = blocks
+        self._block = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._block:
+            block = next(self._blocks, None)
+            if block is None:
+                return 0
+            self._block = memoryview(block)
+        size = min(len(buffer), len(self._block))
+        buffer[:size] = self._block[:size]
+        self._block = self._block[size:]
+        return size

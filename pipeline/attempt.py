@@ -112,8 +112,8 @@ class Attempt:
     def hand_off(self, note: str, fetch_state: dict[str, Any] | None = None) -> None:
         hand_off(self.rt.engine, self.claim, note=note, fetch_state=fetch_state)
 
-    def fail(self, error: str, *, final: bool, restart: bool = False) -> bool:
-        return record_attempt_failure(self.rt.engine, self.claim, error, final=final, restart=restart)
+    def fail(self, error: str, *, final: bool, restart: bool = False, code: str = "internal") -> bool:
+        return record_attempt_failure(self.rt.engine, self.claim, error, final=final, restart=restart, code=code)
 
 
 class _BeatingReader:

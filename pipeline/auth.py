@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cachetools import LRUCache
 from jwt import PyJWK, PyJWKClient, PyJWKClientConnectionError, PyJWKClientError
 
 from pipeline.errors import AuthError, ConfigError, IdentityProviderUnavailable
@@ -323,16 +323,13 @@ class TokenVerifier:
         self._secret = _builtin_secret(settings)
         self._issuer = settings.jwt_issuer
         self._provider = _Provider(settings) if settings.jwks_url else None
-        self._max_entries = max_entries
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._verified: LRUCache[str, tuple[Principal, float]] = LRUCache(maxsize=max_entries)
+        self._lock = threading.Lock()  # cachetools' caches are not thread-safe
 
     def __call__(self, token: str) -> Principal:
         """Return the token's principal. Raises ``AuthError``."""
         with self._lock:
             entry = self._verified.get(token)
-            if entry is not None:
-                self._verified.move_to_end(token)
         if entry is not None:
             principal, exp = entry
             if time.time() < exp:
@@ -343,8 +340,6 @@ class TokenVerifier:
         principal, exp = self._decode(token)
         with self._lock:
             self._verified[token] = (principal, exp)
-            while len(self._verified) > self._max_entries:
-                self._verified.popitem(last=False)
         return principal
 
     def may_block(self, token: str) -> bool:

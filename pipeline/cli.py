@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.errors import PipelineError
+from pipeline.preflight import check_broker, check_schema, explain
 from pipeline.progress import JobProgress
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings, load_settings
@@ -26,7 +28,27 @@ from pipeline.settings import Settings, load_settings
 if TYPE_CHECKING:
     import dramatiq
 
-app = typer.Typer(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
+SERVICE_EXIT_CODE = 3
+"""Exit code when a service is unreachable, refuses our credentials or is not migrated (2: bad
+input, 1: a job failed)."""
+
+
+class PipelineApp(typer.Typer):
+    """The Typer app with one error handler for every command, including those added later: a
+    failure of a service we depend on (database, schema, RabbitMQ, S3) or any error of our tree
+    ends as one line on stderr and a non-zero exit, never a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            code = exit_for(exc)
+            if code is None:
+                raise
+            sys.exit(code)
+
+
+app = PipelineApp(help="Multi-tenant sync pipeline with blob-stored results.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 company_app = typer.Typer(help="Manage companies (tenants).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect, cancel and retry sync jobs.", no_args_is_help=True)
@@ -41,17 +63,41 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Plain text (a message may hold "[...]"), never wrapped: one line whatever the terminal width.
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _settings_or_none() -> Settings | None:
+    try:
+        return load_settings()
+    except PipelineError:
+        return None
+
+
+def exit_for(exc: BaseException) -> int | None:
+    """Print the one line for ``exc`` and return the exit code, or ``None`` when ``exc`` is not a
+    service failure nor one of our errors (then it is a bug, and its traceback is wanted)."""
+    if isinstance(exc, typer.Exit | SystemExit | KeyboardInterrupt):
+        return None
+    explained = explain(exc, _settings_or_none())
+    if explained is not None:
+        return fail(explained, SERVICE_EXIT_CODE).exit_code
+    if isinstance(exc, PipelineError):
+        return fail(str(exc)).exit_code
+    return None
 
 
 @contextmanager
 def errors_to_exit() -> Iterator[None]:
-    """Turn our errors into one readable line and a non-zero exit, never a traceback."""
+    """Turn our errors and service failures into one readable line and a non-zero exit, never a traceback."""
     try:
         yield
-    except PipelineError as exc:
-        raise fail(str(exc)) from None
+    except Exception as exc:
+        code = exit_for(exc)
+        if code is None:
+            raise
+        raise typer.Exit(code) from None
 
 
 def settings() -> Settings:
@@ -60,14 +106,53 @@ def settings() -> Settings:
 
 
 @contextmanager
-def runtime() -> Iterator[Runtime]:
+def runtime(*, broker: bool = False) -> Iterator[Runtime]:
+    """The runtime of a command: the store reached, the database reached and at the schema head,
+    and with ``broker`` RabbitMQ reached too (when one is configured)."""
     with errors_to_exit():
         rt = Runtime.from_settings(load_settings())
+    try:
+        with errors_to_exit():
+            check_schema(rt.engine, rt.settings)
+            if broker:
+                check_broker(rt.settings)
+    except BaseException:
+        rt.close()
+        raise
     try:
         with errors_to_exit():
             yield rt
     finally:
         rt.close()
+
+
+def preflight(s: Settings) -> None:
+    """For long-running commands: every service reached and the schema current before starting,
+    so a wrong setting fails now, in the foreground, not in a child process or at the first tick."""
+    with runtime(broker=True):
+        pass
+
+
+def check_secrets_key(s: Settings) -> None:
+    """Components that decrypt tenants' secrets (workers; the API, to keep them on update) stop
+    at start-up, naming ``PIPELINE_SECRETS_KEY``, when it is missing or opens no stored secret.
+
+    Runs after ``preflight``; should the database stop answering in between, the check is
+    skipped with a warning, and a task that cannot decrypt fails naming the setting.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.db import make_engine
+    from pipeline.secrets import SecretBox, check_stored_secrets
+
+    with errors_to_exit():
+        engine = make_engine(s.database_url)
+        try:
+            check_stored_secrets(engine, SecretBox.from_settings(s))
+        except SQLAlchemyError as exc:
+            err.print(f"warning: stored secrets not checked: the database did not answer ({type(exc).__name__})")
+        finally:
+            engine.dispose()
 
 
 def parse_json(value: str, what: str) -> Any:
@@ -237,6 +322,8 @@ def run_sync(
     from actors.tasks import declare_actors
     from pipeline.planning import create_job
 
+    if not rt.settings.broker_url:
+        check_secrets_key(rt.settings)  # the tasks run in this process
     broker = make_broker(rt.settings)
     actors = declare_actors(broker, rt)
     try:
@@ -281,7 +368,7 @@ def sync(
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
     """Start a sync now; prints the job id. Without a broker it runs in-process and waits."""
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         final = run_sync(rt, companies=company, resources=resource, partitions=partition, mode=mode, wait=wait)
     if final is not None and final.status != "completed":
         raise typer.Exit(1)
@@ -297,12 +384,9 @@ def worker(
     if not s.broker_url:
         raise fail("PIPELINE_BROKER_URL is not set: workers need RabbitMQ (the embedded default runs "
                    "work inside `pipeline sync` / `pipeline demo`)")
+    preflight(s)
     threads = threads or s.worker_threads
-    from pipeline.secrets import check_stored_secrets
-
-    with runtime() as rt:
-        # Workers decrypt tenants' secrets: a missing or wrong key stops them here, named.
-        check_stored_secrets(rt.engine, rt.secrets)
+    check_secrets_key(s)
     # Long tasks: each process prefetches no more messages than it has threads (Dramatiq reads
     # this variable when it is first imported).
     os.environ["dramatiq_queue_prefetch"] = str(threads)
@@ -337,7 +421,7 @@ def scheduler() -> None:
     from actors.tasks import declare_actors
     from pipeline.scheduler import build_scheduler
 
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         if not rt.settings.broker_url:
             raise fail("PIPELINE_BROKER_URL is not set: the scheduler hands work to RabbitMQ workers")
@@ -359,7 +443,7 @@ def sweep_once() -> None:
     from actors.tasks import declare_actors
     from pipeline.sweeper import sweep
 
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         try:
             report = sweep(rt.engine, declare_actors(broker, rt), pending_grace_s=rt.settings.pending_grace_s)
@@ -459,7 +543,7 @@ def jobs_retry(
     from pipeline.control import retry_job
 
     jid = parse_job_id(job_id)
-    with runtime() as rt:
+    with runtime(broker=True) as rt:
         broker = make_broker(rt.settings)
         try:
             result = retry_job(rt.engine, declare_actors(broker, rt), job_id=jid, requested_by="cli")
@@ -484,6 +568,8 @@ def serve(
     from pipeline.api.serve import serve as run_server
 
     s = settings()
+    preflight(s)
+    check_secrets_key(s)
     with errors_to_exit():
         run_server(s, host=host, port=port, workers=workers, access_log=access_log)
 
@@ -508,12 +594,17 @@ def token(
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Option(help="Where the demo's SQLite file and blobs go.")] = Path(".demo"),
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the API and the web console on the demo.")] = False,
+    host: Annotated[str, typer.Option(help="With --serve: interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="With --serve: TCP port.")] = 8000,
 ) -> None:
     """Run the whole flow on the embedded default: SQLite, in-process broker, local blobs."""
-    from pipeline.demo import run_demo
+    from pipeline.demo import run_demo, serve_demo
 
     with errors_to_exit():
         code = run_demo(directory, out=out, err=err)
+        if serve and code == 0:
+            serve_demo(directory, host=host, port=port, out=out)
     raise typer.Exit(code)
 
 

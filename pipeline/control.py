@@ -47,6 +47,14 @@ class InvalidJobState(PipelineError):
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorView:
+    """An error as clients get it: ``code`` from ``pipeline.error_codes.CODES``, ``message`` readable."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProgressView:
     percent: float
     total_tasks: int
@@ -55,6 +63,8 @@ class ProgressView:
     cancelled_tasks: int
     processed_records: int
     eta_seconds: float | None
+    message: str = ""
+    """What is happening, in words: "schedule 2026-12-03: chunk 4, 180 records"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +77,7 @@ class TaskView:
     attempts: int
     record_count: int
     chunks: int
-    error: str | None
+    error: ErrorView | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +90,7 @@ class JobSummary:
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    error: str | None
+    error: ErrorView | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +123,49 @@ class RetryResult:
     priority: str
 
 
-def progress_view(progress: JobProgress, now: datetime | None = None) -> ProgressView:
+def progress_message(progress: JobProgress, running: Any = None) -> str:
+    """The job's progress in words; ``running`` is a task row being worked on, if any."""
+    total, done = progress.total_tasks, progress.done_tasks
+    if progress.status == "completed":
+        return f"completed: {total} of {total} tasks, {progress.processed_records} records"
+    if progress.status == "failed":
+        return f"failed: {progress.failed_tasks} of {total} tasks failed, {progress.processed_records} records"
+    if progress.status == "cancelled":
+        return f"cancelled after {progress.completed_tasks} of {total} tasks"
+    if running is not None:
+        records = int((running.fetch_state or {}).get("records", 0))
+        return (f"{running.resource} {running.partition_key}: chunk {running.chunks + 1}, {records} records"
+                f" ({done} of {total} tasks done)")
+    if progress.status == "pending" or done == 0:
+        return f"waiting for a worker: {total - done} task(s) queued"
+    return f"{done} of {total} tasks done, {progress.processed_records} records"
+
+
+def progress_view(progress: JobProgress, now: datetime | None = None, *, running: Any = None) -> ProgressView:
     return ProgressView(
         percent=progress.percent, total_tasks=progress.total_tasks, completed_tasks=progress.completed_tasks,
         failed_tasks=progress.failed_tasks, cancelled_tasks=progress.cancelled_tasks,
         processed_records=progress.processed_records, eta_seconds=progress.eta_seconds(now),
+        message=progress_message(progress, running),
     )
+
+
+def task_error(status: str, message: str | None, code: str | None) -> ErrorView | None:
+    """A task's error as ``{code, message}``; a cancelled task says so even without a message."""
+    if message:
+        return ErrorView(code=code or "internal", message=message)
+    if status == "cancelled":
+        return ErrorView(code="cancelled", message="cancelled before it finished")
+    return None
+
+
+def job_error(status: str, message: str | None) -> ErrorView | None:
+    """A job's error: its failed tasks (each has its own code), or its cancellation."""
+    if message:
+        return ErrorView(code="tasks_failed", message=message)
+    if status == "cancelled":
+        return ErrorView(code="cancelled", message="the job was cancelled")
+    return None
 
 
 def job_progress_of(row: Any) -> JobProgress:
@@ -132,11 +179,11 @@ def job_progress_of(row: Any) -> JobProgress:
     )
 
 
-def summary_of(row: Any, now: datetime | None = None) -> JobSummary:
+def summary_of(row: Any, now: datetime | None = None, *, running: Any = None) -> JobSummary:
     return JobSummary(
         id=row.id, status=job_status(row.status, row.planned_at), mode=row.mode, trigger=row.trigger,
-        progress=progress_view(job_progress_of(row), now), created_at=row.created_at,
-        started_at=row.started_at, completed_at=row.completed_at, error=row.error_message,
+        progress=progress_view(job_progress_of(row), now, running=running), created_at=row.created_at,
+        started_at=row.started_at, completed_at=row.completed_at, error=job_error(row.status, row.error_message),
     )
 
 
@@ -144,7 +191,7 @@ def task_view(row: Any) -> TaskView:
     return TaskView(
         id=row.id, company_id=row.company_id, resource=row.resource, partition=row.partition_key,
         status=row.status, attempts=row.attempts, record_count=row.record_count, chunks=row.chunks,
-        error=row.error_message,
+        error=task_error(row.status, row.error_message, row.error_code),
     )
 
 
@@ -340,7 +387,7 @@ def retry_job(
             update(TASKS)
             .where(TASKS.c.job_id == job_id, TASKS.c.status.in_(("failed", "cancelled")))
             .values(status="pending", attempts=0, lease_until=None, lease_token=None, error_message=None,
-                    fetch_state=None, chunks=0, record_count=0, completed_at=None, updated_at=now)
+                    error_code=None, fetch_state=None, chunks=0, record_count=0, completed_at=None, updated_at=now)
             .returning(TASKS.c.id)
         ).scalars())
         conn.execute(
@@ -405,7 +452,14 @@ def load_job_detail(conn: Connection, job_id: uuid.UUID, *, task_limit: int) -> 
     tasks = conn.execute(
         select(TASKS).where(TASKS.c.job_id == job_id).order_by(TASKS.c.id).limit(task_limit)
     ).all()
-    summary = summary_of(job)
+    running = None
+    if job.status == "processing":
+        running = conn.execute(
+            select(TASKS.c.resource, TASKS.c.partition_key, TASKS.c.chunks, TASKS.c.fetch_state)
+            .where(TASKS.c.job_id == job_id, TASKS.c.status == "processing")
+            .order_by(TASKS.c.updated_at.desc()).limit(1)
+        ).first()
+    summary = summary_of(job, running=running)
     return JobDetail(
         id=summary.id, status=summary.status, mode=summary.mode, trigger=summary.trigger,
         progress=summary.progress, created_at=summary.created_at, started_at=summary.started_at,

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from pipeline import metrics
 from pipeline.assembly import SPOOL_BYTES, RenderedDocument, encode_record, read_ndjson
 from pipeline.errors import VersionChanged
-from pipeline.jobs import Claim, complete_task
+from pipeline.jobs import Claim, complete_task, complete_task_guarded, fence_lost
 from pipeline.models import CURSORS, DATASETS, utcnow
 from pipeline.runtime import Runtime
 from storage.base import BlobStore
@@ -102,15 +102,13 @@ def lock_partition(conn: Connection, company_id: int, resource: str, partition: 
         )
 
 
-def _upsert_dataset(conn: Connection, values: dict[str, Any]) -> None:
+def _upsert_dataset_statement(conn: Connection, values: dict[str, Any]) -> Any:
     keys = ["company_id", "resource", "partition_key"]
     updates = {k: v for k, v in values.items() if k not in keys}
     if conn.dialect.name == "postgresql":
-        pg = postgresql.insert(DATASETS).values(**values)
-        conn.execute(pg.on_conflict_do_update(index_elements=keys, set_=updates))
-    else:
-        lite = sqlite.insert(DATASETS).values(**values)
-        conn.execute(lite.on_conflict_do_update(index_elements=keys, set_=updates))
+        return postgresql.insert(DATASETS).values(**values).on_conflict_do_update(index_elements=keys, set_=updates)
+    return sqlite.insert(DATASETS).values(**values).on_conflict_do_update(index_elements=keys, set_=updates)
+
 
 
 def _upsert_cursor(conn: Connection, claim: Claim, bookmark: str, now: Any) -> None:
@@ -120,6 +118,32 @@ def _upsert_cursor(conn: Connection, claim: Claim, bookmark: str, now: Any) -> N
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     conn.execute(dialect.insert(CURSORS).values(**values)
                  .on_conflict_do_update(index_elements=keys, set_={"bookmark": bookmark, "updated_at": now}))
+
+
+class _Unmatched(Exception):
+    """The unchanged publish matched nothing: roll its transaction back."""
+
+
+def _publish_unchanged(rt: Runtime, claim: Claim, document: RenderedDocument, where: Any, *, chunks: int
+                       ) -> bool | None:
+    """The same document as the version the lineage started from (invariant 5), in ONE statement:
+    ``synced_at`` moves only while the current version still has this checksum, and the task is
+    completed under its fence and counted on its job in the same statement — no upload, no
+    partition lock (nothing new is pointed at; a concurrent publish or collection makes the
+    checksum test fail). Returns ``None`` when it matched nothing (the version changed, or the
+    fence failed): rolled back, and the general path runs and says why. Else whether this
+    finished the job."""
+    touched = (update(DATASETS).where(where, DATASETS.c.checksum_sha256 == document.checksum)
+               .values(synced_at=utcnow()).returning(DATASETS.c.id).cte("touched"))
+    try:
+        with rt.engine.begin() as conn:
+            finished = complete_task_guarded(conn, claim, touched, record_count=document.record_count,
+                                             chunks=chunks)
+            if finished is None:
+                raise _Unmatched
+            return finished
+    except _Unmatched:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +204,12 @@ def publish(
         & (DATASETS.c.partition_key == claim.partition)
     )
     metadata = {"sha256": checksum, "record-count": str(document.record_count)}
+    if (check_version and expected_checksum == checksum and raw_records is None and bookmark is None
+            and rt.engine.dialect.name == "postgresql"):
+        finished = _publish_unchanged(rt, claim, document, where, chunks=chunks)
+        if finished is not None:
+            metrics.published(claim.resource, records=document.record_count, size=document.size, uploaded=False)
+            return Published(checksum, document.size, document.record_count, False, finished)
 
     def upload() -> None:
         if raw_records is not None:
@@ -208,19 +238,29 @@ def publish(
             raise VersionChanged(
                 f"partition {claim.company_id}/{claim.resource}/{claim.partition} was published by another task "
                 f"after this sync started (version {expected_checksum or 'none'} → {current}); starting over")
+        pointer: Any
         if current == checksum:
-            conn.execute(update(DATASETS).where(where).values(synced_at=now))
+            pointer = update(DATASETS).where(where).values(synced_at=now)
         else:
             if not uploaded or rt.store.stat(key) is None:
                 upload()  # under the lock (small documents), or collected since our upload: upload again
                 uploaded = True
-            _upsert_dataset(conn, {
+            pointer = _upsert_dataset_statement(conn, {
                 "company_id": claim.company_id, "resource": claim.resource, "partition_key": claim.partition,
                 "storage_key": key, "checksum_sha256": checksum, "size_bytes": document.size,
                 "record_count": document.record_count, "synced_at": now, "changed_at": now,
             })
         if bookmark is not None:
             _upsert_cursor(conn, claim, bookmark, now)
-        finished = complete_task(conn, claim, record_count=document.record_count, chunks=chunks)
+        if conn.dialect.name == "postgresql":
+            # The pointer, the fenced task update and the job counters in one statement (one round trip).
+            guarded = complete_task_guarded(conn, claim, pointer.returning(DATASETS.c.id).cte("pointer"),
+                                            record_count=document.record_count, chunks=chunks)
+            if guarded is None:
+                fence_lost(conn, claim)  # raises; the transaction rolls back
+            finished = guarded
+        else:
+            conn.execute(pointer)
+            finished = complete_task(conn, claim, record_count=document.record_count, chunks=chunks)
     metrics.published(claim.resource, records=document.record_count, size=document.size, uploaded=uploaded)
     return Published(checksum, document.size, document.record_count, uploaded, finished)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 from rich.console import Console
@@ -11,7 +13,7 @@ from sqlalchemy import select
 from pipeline.companies import add_company
 from pipeline.models import Company, Dataset
 from pipeline.runtime import Runtime
-from pipeline.settings import load_settings
+from pipeline.settings import Settings, load_settings
 
 DEMO_COMPANIES = [
     ("Acme Cleaning", "acme", {"jobs_per_day": 40, "employees": 12, "teams": 3, "seed": 1}, {}),
@@ -27,6 +29,15 @@ DEMO_COMPANIES = [
 ]
 
 
+def demo_settings(directory: Path) -> Settings:
+    """The embedded default in ``directory``: SQLite, local blobs, the in-process broker."""
+    return load_settings(
+        database_url=f"sqlite:///{directory / 'pipeline.db'}",
+        blob_url=f"file://{directory / 'blobs'}",
+        broker_url=None,
+    )
+
+
 def run_demo(directory: Path, *, out: Console, err: Console) -> int:
     """Migrate SQLite, create three demo companies, sync them in-process, show what was written."""
     from pipeline.cli import run_sync
@@ -34,11 +45,7 @@ def run_demo(directory: Path, *, out: Console, err: Console) -> int:
 
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(
-        database_url=f"sqlite:///{directory / 'pipeline.db'}",
-        blob_url=f"file://{directory / 'blobs'}",
-        broker_url=None,
-    )
+    settings = demo_settings(directory)
     err.print(f"[bold]demo[/] · database {settings.database_url} · blobs {directory / 'blobs'}")
     upgrade(settings.database_url)
     rt = Runtime.from_settings(settings)
@@ -69,3 +76,30 @@ def run_demo(directory: Path, *, out: Console, err: Console) -> int:
         return 0 if final is not None and final.status == "completed" else 1
     finally:
         rt.close()
+
+
+def serve_demo(directory: Path, *, host: str, port: int, out: Console) -> None:
+    """Serve the API and the web console on the demo's data until interrupted.
+
+    Without ``PIPELINE_ADMIN_API_KEY`` / ``PIPELINE_JWT_SECRET`` a random key and secret are made
+    for this run and printed (the key, and a manager's token for the first company), so the
+    console opens on a fresh machine. Syncs started from it run in the API process.
+    """
+    from pipeline.api.serve import serve
+    from pipeline.auth import issue_token
+
+    settings = demo_settings(directory.resolve())
+    admin_key = settings.admin_api_key or secrets.token_urlsafe(18)
+    settings = settings.model_copy(update={
+        "admin_api_key": admin_key, "jwt_secret": settings.jwt_secret or secrets.token_urlsafe(32),
+    })
+    # The in-process broker: a broker URL from the shell must not reach the server's workers.
+    os.environ.pop("PIPELINE_BROKER_URL", None)
+    url = f"http://{host}:{port}/console"
+    out.print(f"console: {url}", soft_wrap=True)
+    out.print(f"admin key: {admin_key}", soft_wrap=True)
+    out.print(f"a manager's token for company 1: {issue_token(settings, company_id=1, role='manager', ttl_s=86400)}",
+              soft_wrap=True)
+    out.print("stop with Ctrl-C", soft_wrap=True)
+    out.file.flush()
+    serve(settings, host=host, port=port, workers=1)

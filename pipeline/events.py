@@ -32,7 +32,15 @@ import orjson
 import psycopg
 from sqlalchemy import Engine, text
 
-from pipeline.control import JobDetail, JobSummary, TaskView, load_job_detail, progress_view
+from pipeline.control import (
+    JobDetail,
+    JobSummary,
+    TaskView,
+    job_error,
+    load_job_detail,
+    progress_view,
+    task_error,
+)
 from pipeline.errors import PipelineError
 from pipeline.models import FINISHED
 from pipeline.progress import JobProgress, wait_for_job
@@ -131,7 +139,8 @@ def task_from_notification(note: Notification, data: dict[str, Any] | None = Non
     return TaskView(
         id=data["task_id"], company_id=data["company_id"], resource=data["resource"],
         partition=data["partition"], status=data["status"], attempts=data["attempts"],
-        record_count=data["record_count"], chunks=data["chunks"], error=data.get("error"),
+        record_count=data["record_count"], chunks=data["chunks"],
+        error=task_error(data["status"], data.get("error"), data.get("error_code")),
     )
 
 
@@ -350,7 +359,7 @@ class _Tracker:
         self.summary = JobSummary(
             id=self.summary.id, status=progress.status, mode=self.summary.mode, trigger=self.summary.trigger,
             progress=progress_view(progress), created_at=self.summary.created_at, started_at=progress.started_at,
-            completed_at=progress.completed_at, error=progress.error,
+            completed_at=progress.completed_at, error=job_error(progress.status, progress.error),
         )
         return "progress", self.progress_data()
 
@@ -366,7 +375,8 @@ def _detail_progress(detail: JobDetail) -> JobProgress:
         job_id=detail.id, status=detail.status, total_tasks=detail.progress.total_tasks,
         completed_tasks=detail.progress.completed_tasks, failed_tasks=detail.progress.failed_tasks,
         cancelled_tasks=detail.progress.cancelled_tasks, processed_records=detail.progress.processed_records,
-        started_at=detail.started_at, completed_at=detail.completed_at, error=detail.error,
+        started_at=detail.started_at, completed_at=detail.completed_at,
+        error=detail.error.message if detail.error is not None and detail.error.code == "tasks_failed" else None,
     )
 
 

@@ -32,6 +32,7 @@ from pipeline.datasets import (
     remove_staging,
     staged_part,
 )
+from pipeline.error_codes import error_code
 from pipeline.errors import (
     DatabaseUnavailable,
     FailureKind,
@@ -44,6 +45,7 @@ from pipeline.errors import (
 )
 from pipeline.jobs import Claim, claim_task, clean_text
 from pipeline.models import CURSORS
+from pipeline.oauth_tokens import token_store
 from pipeline.runtime import Runtime
 from pipeline.secrets import unseal
 
@@ -141,7 +143,7 @@ def run_task(
     try:
         connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets), limiter=limiter,
                                    on_response=metrics.upstream_counter(claim.connector),
-                                   context=rt.connector_context)
+                                   context=rt.connector_context, tokens=token_store(rt, claim.company_id))
         try:
             outcome = _run(attempt, connector)
             metrics.task_run(claim.resource, outcome.value, started)
@@ -163,7 +165,8 @@ def run_task(
         # The message time limit (a BaseException) or an interpreter exit: spend the attempt
         # while we still can, then let it go on. A kill -9 is caught by the next claim instead.
         try:
-            attempt.fail(f"interrupted: {describe(exc)}", final=claim.attempts >= settings.max_attempts)
+            attempt.fail(f"interrupted: {describe(exc)}", final=claim.attempts >= settings.max_attempts,
+                         code=error_code(exc))
         except Exception:  # the original interruption matters more
             logger.exception("task %s: could not record the interruption", task_id)
         raise
@@ -197,7 +200,7 @@ def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
             final = kind is FailureKind.PERMANENT or claim.attempts >= settings.max_attempts
         logger.warning("task %s attempt %s failed (%s, %s): %s", task_id, claim.attempts, kind.value,
                        "final" if final else "will retry", message)
-        attempt.fail(message, final=final, restart=isinstance(exc, VersionChanged))
+        attempt.fail(message, final=final, restart=isinstance(exc, VersionChanged), code=error_code(exc))
     except TaskCancelled:
         return Outcome.CANCELLED
     except LeaseLost:
@@ -211,7 +214,7 @@ def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
 def _run(attempt: Attempt, connector: Connector) -> Outcome:
     rt, claim = attempt.rt, attempt.claim
     spec = resource_spec(connector, claim.resource)
-    transform = get_transform(spec.transform)
+    get_transform(spec.transform)  # an unknown transform fails before anything is fetched
     state: dict[str, Any] = dict(claim.fetch_state or {})
     state.pop("outage_since", None)
     # The lineage's base version (compare-and-swap at publish) and part list (defects 1, 7).
@@ -247,6 +250,23 @@ def _run(attempt: Attempt, connector: Connector) -> Outcome:
             attempt.hand_off(f"continuation after chunk {chunks} ({fetched} records so far; {reason})")
             return Outcome.CONTINUE
 
+    finish(attempt, spec, state, chunks, single=single, base_key=base_key)
+    return Outcome.COMPLETED
+
+
+def finish(
+    attempt: Attempt, spec: ResourceSpec, state: dict[str, Any], chunks: int, *,
+    single: list[Record] | None = None, base_key: str | None = None,
+) -> None:
+    """Assemble the lineage's document from the parts it recorded (or the one chunk ``single``)
+    and publish it, compare-and-swapping on the lineage's base version; then drop its staging.
+
+    Raises:
+        LeaseLost / TaskCancelled / VersionChanged: nothing was published.
+    """
+    rt, claim = attempt.rt, attempt.claim
+    transform = get_transform(spec.transform)
+    parts: list[str] = list(state.get("parts", [legacy_staging_key(claim.task_id, i) for i in range(chunks)]))
     runs = SortedRuns(spec.primary_key)
     document = raw = None
     try:
@@ -256,8 +276,7 @@ def _run(attempt: Attempt, connector: Connector) -> Outcome:
             runs.add(single, spill=False)
         else:
             if len(parts) != chunks:
-                raise PipelineError(f"task {claim.task_id}: {chunks} chunks saved but {len(parts)} parts recorded "
-                                    "(state written before parts were recorded); starting over",
+                raise PipelineError(f"task {claim.task_id}: {chunks} chunks saved but {len(parts)} parts recorded",
                                     kind=FailureKind.RETRYABLE)
             for key in parts:
                 runs.add(attempt.beating(staged_part(rt.store, key)))
@@ -276,7 +295,6 @@ def _run(attempt: Attempt, connector: Connector) -> Outcome:
                 spooled.close()
     if chunks:
         remove_staging(rt.store, claim.task_id)
-    return Outcome.COMPLETED
 
 
 def _storable(value: Any, what: str) -> Any:

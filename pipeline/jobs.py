@@ -10,10 +10,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import Connection, Engine, Interval, and_, case, func, insert, literal, or_, select, update
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import CTE, Connection, Engine, Interval, and_, case, exists, func, insert, literal, or_, select, update
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from pipeline.errors import LeaseLost, TaskCancelled
 from pipeline.models import COMPANIES, DATASETS, FINISHED, JOB_LOG, JOBS, TASKS, UTCDateTime, utcnow
@@ -63,6 +63,14 @@ def db_now(engine_or_conn: Engine | Connection, plus_s: float = 0.0) -> ColumnEl
         now = func.clock_timestamp()
         return now + literal(timedelta(seconds=plus_s), Interval()) if plus_s else now
     return literal(utcnow() + timedelta(seconds=plus_s), UTCDateTime())
+
+
+def db_later(now: ColumnElement[Any], seconds: float) -> ColumnElement[Any]:
+    """``now`` (from ``db_now``) plus ``seconds``: an interval sum on PostgreSQL; on SQLite, whose
+    ``db_now`` is a bound datetime, the later datetime itself (SQLite cannot add an interval)."""
+    if isinstance(now, BindParameter) and isinstance(now.value, datetime):
+        return literal(now.value + timedelta(seconds=seconds), UTCDateTime())
+    return now + timedelta(seconds=seconds)
 
 
 def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: int | None = None) -> Claim | None:
@@ -141,7 +149,8 @@ def fail_exhausted(engine: Engine, task_id: int, *, max_attempts: int) -> bool:
         last = row.error_message or "no error was recorded (the worker was killed or lost)"
         message = clean_text(f"attempt {row.attempts} of {max_attempts} did not finish before its lease expired; "
                              f"no attempts left; last error: {last}")
-        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message))
+        conn.execute(update(TASKS).where(TASKS.c.id == task_id).values(error_message=message,
+                                                                        error_code="worker_lost"))
         log(conn, row.job_id, task_id, "error", message, {"attempt": row.attempts, "final": True})
         bump_job(conn, row.job_id, failed=1, now=utcnow())
     return True
@@ -206,6 +215,11 @@ def _fenced(conn: Connection, claim: Claim, **values: Any) -> None:
     )
     if result.rowcount == 1:
         return
+    fence_lost(conn, claim)
+
+
+def fence_lost(conn: Connection, claim: Claim) -> NoReturn:
+    """Raise why a fenced write matched nothing: the task was cancelled, or another claim holds it."""
     status = conn.execute(select(TASKS.c.status).where(TASKS.c.id == claim.task_id)).scalar_one_or_none()
     if status == "cancelled":
         raise TaskCancelled(f"task {claim.task_id} was cancelled")
@@ -254,25 +268,26 @@ def hand_off(engine: Engine, claim: Claim, *, note: str, fetch_state: dict[str, 
 
 
 def record_attempt_failure(
-    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False
+    engine: Engine, claim: Claim, error: str, *, final: bool, restart: bool = False, code: str = "internal"
 ) -> bool:
     """Log a failed attempt; release the task for a retry, or fail it for good.
 
     ``restart`` drops the saved cursor and part list, so the next attempt starts the partition
-    over (the partition changed under this lineage). Returns whether this call finished the job.
+    over (the partition changed under this lineage). ``code`` is the kind of failure
+    (``pipeline.error_codes``), stored beside the message. Returns whether this call finished the job.
     """
     error = clean_text(error)
     with engine.begin() as conn:
         now = db_now(conn)
         log(conn, claim.job_id, claim.task_id, "error", f"attempt {claim.attempts} failed: {error}",
-            {"attempt": claim.attempts, "final": final})
+            {"attempt": claim.attempts, "final": final, "code": code})
         if not final:
             extra: dict[str, Any] = {"fetch_state": None, "chunks": 0} if restart else {}
             _fenced(conn, claim, status="pending", lease_until=None, lease_token=None,
-                    error_message=error, updated_at=now, **extra)
+                    error_message=error, error_code=code, updated_at=now, **extra)
             return False
         _fenced(conn, claim, status="failed", lease_until=None, lease_token=None,
-                error_message=error, updated_at=now, completed_at=now)
+                error_message=error, error_code=code, updated_at=now, completed_at=now)
         return bump_job(conn, claim.job_id, failed=1, now=utcnow())
 
 
@@ -283,8 +298,42 @@ def complete_task(conn: Connection, claim: Claim, *, record_count: int, chunks: 
     """
     now = utcnow()
     _fenced(conn, claim, status="completed", lease_until=None, lease_token=None, record_count=record_count,
-            chunks=chunks, error_message=None, updated_at=now, completed_at=now)
+            chunks=chunks, error_message=None, error_code=None, updated_at=now, completed_at=now)
     return bump_job(conn, claim.job_id, completed=1, records=record_count, now=now)
+
+
+def complete_task_guarded(
+    conn: Connection, claim: Claim, guard: CTE, *, record_count: int, chunks: int
+) -> bool | None:
+    """``complete_task`` in ONE statement with ``guard``, a data-modifying CTE of the caller
+    (the unchanged publish's ``synced_at`` update): the task is completed under its fence and
+    counted on its job only if ``guard`` returned a row.
+
+    Returns ``None`` when nothing matched (the guard, or the fence: the caller rolls back and
+    takes the general path, which names the reason), else whether this finished the job.
+    """
+    now = utcnow()
+    done = (
+        update(TASKS)
+        .where(TASKS.c.id == claim.task_id, TASKS.c.lease_token == claim.token, TASKS.c.status == "processing",
+               exists(select(literal(1)).select_from(guard)))
+        .values(status="completed", lease_until=None, lease_token=None, record_count=record_count, chunks=chunks,
+                error_message=None, updated_at=now, completed_at=now)
+        .returning(TASKS.c.job_id)
+        .cte("done")
+    )
+    counted = (
+        update(JOBS).where(JOBS.c.id == select(done.c.job_id).scalar_subquery())
+        .values(completed_tasks=JOBS.c.completed_tasks + 1,
+                processed_records=JOBS.c.processed_records + record_count)
+        .returning(JOBS.c.total_tasks, JOBS.c.completed_tasks, JOBS.c.failed_tasks, JOBS.c.cancelled_tasks,
+                   JOBS.c.status)
+        .cte("counted")
+    )
+    row = conn.execute(select(counted).add_cte(guard, done)).one_or_none()
+    if row is None:
+        return None
+    return _finish_if_done(conn, claim.job_id, row, now)
 
 
 def bump_job(
@@ -307,6 +356,11 @@ def bump_job(
         .returning(JOBS.c.total_tasks, JOBS.c.completed_tasks, JOBS.c.failed_tasks, JOBS.c.cancelled_tasks,
                    JOBS.c.status)
     ).one()
+    return _finish_if_done(conn, job_id, row, now)
+
+
+def _finish_if_done(conn: Connection, job_id: uuid.UUID, row: Any, now: datetime) -> bool:
+    """Finish the job if ``row`` (its counters as just updated) accounts for its last task."""
     done = row.completed_tasks + row.failed_tasks + row.cancelled_tasks
     if done < row.total_tasks or row.status in FINISHED:
         return False

@@ -153,6 +153,8 @@ class SyncTask(Base):
     chunks: Mapped[int] = mapped_column(default=0)
     record_count: Mapped[int] = mapped_column(default=0)
     error_message: Mapped[str | None] = mapped_column(Text)
+    # What kind of failure error_message describes (pipeline.error_codes.CODES).
+    error_code: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
@@ -211,6 +213,27 @@ class RateLimitBucket(Base):
     next_slot: Mapped[datetime]
 
 
+class OAuthToken(Base):
+    """One company's OAuth2 tokens, shared by every worker (``pipeline.oauth_tokens``).
+
+    ``grant_fingerprint`` names the configured grant: a re-authorized connection (a new
+    refresh token in the config) has another and starts over. Tokens are stored sealed
+    (``{"$secret": <Fernet token>}``); ``revoked_reason`` is set once the token endpoint
+    answered ``invalid_grant``.
+    """
+
+    __tablename__ = "oauth_tokens"
+
+    company_id: Mapped[int] = mapped_column(ForeignKey("companies.id", ondelete="CASCADE"), primary_key=True)
+    grant_fingerprint: Mapped[str] = mapped_column(String(64))
+    access_token: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    expires_at: Mapped[datetime | None]
+    refresh_token: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    revoked_reason: Mapped[str | None] = mapped_column(Text)
+    refreshes: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 # Core-level handles for the statements that need them (bulk inserts, fenced updates, RETURNING).
 COMPANIES = cast(Table, Company.__table__)
 JOBS = cast(Table, SyncJob.__table__)
@@ -218,3 +241,4 @@ TASKS = cast(Table, SyncTask.__table__)
 DATASETS = cast(Table, Dataset.__table__)
 JOB_LOG = cast(Table, JobLog.__table__)
 CURSORS = cast(Table, SyncCursor.__table__)
+OAUTH_TOKENS = cast(Table, OAuthToken.__table__)

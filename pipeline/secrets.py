@@ -231,7 +231,8 @@ def check_stored_secrets(engine: Engine, box: SecretBox) -> int:
 
 
 def rotate_stored_secrets(engine: Engine, box: SecretBox) -> tuple[int, int]:
-    """Re-encrypt every stored secret under the first key, in one transaction.
+    """Re-encrypt every stored secret under the first key, in one transaction: the companies'
+    configs and the OAuth2 tokens in ``oauth_tokens``.
 
     Returns:
         ``(secrets, companies)`` re-encrypted.
@@ -258,4 +259,8 @@ def rotate_stored_secrets(engine: Engine, box: SecretBox) -> tuple[int, int]:
             company.connector_config = rotated
             secrets += len(paths)
             companies += 1
+        # The OAuth2 tokens the workers store (rotated refresh tokens) are sealed with the same keys.
+        from pipeline.oauth_tokens import rotate_sealed_tokens
+
+        secrets += rotate_sealed_tokens(session.connection(), box)
     return secrets, companies

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=4, ge=1, le=64)
     queue_name: str = "sync"
     max_unfinished_jobs: int = Field(default=3, ge=1)
+    # "immediate": true runs a sync before answering when its scope has at most this many tasks.
+    immediate_max_tasks: int = Field(default=20, ge=0, le=1000)
+    # How long an immediate sync works in the request before it leaves the rest to the fleet.
+    immediate_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # The bucket browser (MinIO console, SeaweedFS filer UI) the web console links objects to.
+    s3_console_url: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # `pipeline worker` serves /metrics here
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Tenant secrets at rest (pipeline.secrets): comma-separated Fernet keys, the first encrypts.

@@ -8,8 +8,9 @@ then simply ages out).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
+
+from cachetools import LRUCache
 
 from errors import ChecksumMismatch
 from storage.base import BlobStore
@@ -28,7 +29,8 @@ class CacheStats:
 
 
 class ByteCache:
-    """A thread-safe LRU cache of ``bytes`` bounded by their total size.
+    """A thread-safe LRU cache of ``bytes`` bounded by their total size: ``cachetools.LRUCache``
+    weighed by ``len``, behind a lock, with hit and miss counters.
 
     A value larger than the whole budget is not stored (``put`` is then a no-op), so one huge
     object cannot flush everything else.
@@ -38,8 +40,7 @@ class ByteCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
+        self._entries: LRUCache[str, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._hits = 0
         self._misses = 0
         self._lock = threading.Lock()
@@ -47,33 +48,24 @@ class ByteCache:
     def get(self, key: str) -> bytes | None:
         """Return the cached value and mark it recently used, or ``None`` (counted as a miss)."""
         with self._lock:
-            value = self._entries.get(key)
-            if value is None:
+            try:
+                value = self._entries[key]
+            except KeyError:
                 self._misses += 1
                 return None
-            self._entries.move_to_end(key)
             self._hits += 1
             return value
 
     def put(self, key: str, value: bytes) -> None:
         """Store ``value``, evicting the least recently used entries until it fits."""
-        size = len(value)
-        if size > self.max_bytes:
+        if len(value) > self.max_bytes:
             return
         with self._lock:
-            previous = self._entries.pop(key, None)
-            if previous is not None:
-                self._size -= len(previous)
             self._entries[key] = value
-            self._size += size
-            while self._size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._size -= len(evicted)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._size = 0
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -86,7 +78,7 @@ class ByteCache:
     @property
     def size_bytes(self) -> int:
         with self._lock:
-            return self._size
+            return int(self._entries.currsize)
 
     @property
     def hits(self) -> int:
@@ -102,7 +94,7 @@ class ByteCache:
         with self._lock:
             return CacheStats(
                 entries=len(self._entries),
-                size_bytes=self._size,
+                size_bytes=int(self._entries.currsize),
                 max_bytes=self.max_bytes,
                 hits=self._hits,
                 misses=self._misses,

@@ -17,7 +17,7 @@ from minio.helpers import DictType
 from urllib3.exceptions import HTTPError
 from urllib3.util import Retry, Timeout
 
-from errors import ConfigError, InvalidKey, ObjectMissing, StorageError
+from errors import ConfigError, InvalidKey, ObjectMissing, StorageAuthError, StorageError
 from storage.base import ObjectInfo
 from storage.keys import normalize_metadata, validate_key, validate_prefix
 
@@ -27,6 +27,9 @@ PART_SIZE = 16 * 1024 * 1024
 
 _METADATA_HEADER = "x-amz-meta-"
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject"})
+# The service refused who we are, not what we asked: wrong secret, unknown or revoked key.
+_AUTH_CODES = frozenset({"SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId", "InvalidToken",
+                         "ExpiredToken", "AuthorizationHeaderMalformed"})
 
 
 def http_client(*, connect_timeout: float = 2.0, read_timeout: float = 60.0) -> urllib3.PoolManager:
@@ -70,6 +73,7 @@ class S3BlobStore:
 
     Raises:
         ConfigError: the endpoint or prefix is malformed.
+        StorageAuthError: the service rejects the credentials (here and from every method).
         StorageError: the service cannot be reached or refuses to create the bucket.
     """
 
@@ -220,6 +224,11 @@ class S3BlobStore:
         except S3Error as exc:
             if exc.code in _MISSING_CODES and key is not None:
                 raise ObjectMissing(f"blob {key!r} does not exist in {where}") from exc
+            if exc.code in _AUTH_CODES:
+                raise StorageAuthError(
+                    f"{subject} failed: authentication rejected ({exc.code}): check the S3 access key and"
+                    " secret key (PIPELINE_S3_ACCESS_KEY, PIPELINE_S3_SECRET_KEY)"
+                ) from exc
             raise StorageError(f"{subject} failed: {exc.code}: {exc.message}") from exc
         except (MinioException, HTTPError, OSError) as exc:
             raise StorageError(f"{subject} failed: {exc}") from exc

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import urllib3
 from minio import Minio
 from minio.error import MinioException
 from urllib3.exceptions import HTTPError
@@ -200,7 +201,9 @@ class SeaweedFS:
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=None if self.outlive_parent else _die_with_parent)
         deadline = time.monotonic() + timeout
-        client = self.client()
+        # No retries of its own: each poll is one quick request, and a refusal is no news.
+        client = Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False,
+                       http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False))
         while True:
             if self._process.poll() is not None:
                 raise StorageError(f"SeaweedFS exited with code {self._process.returncode} while starting;"
@@ -236,9 +239,17 @@ class SeaweedFS:
                 process.wait(timeout=30)
         self._close_log()
 
-    def remove(self) -> None:
-        """Stop the server and delete its data directory."""
+    def change_credentials(self, *, access_key: str, secret_key: str) -> None:
+        """Replace the S3 identity (a key rotated on the server): restart on the same data and ports.
+        Clients holding the old key are refused from then on."""
         self.stop()
+        self.access_key, self.secret_key = access_key, secret_key
+        self.start()
+
+    def remove(self) -> None:
+        """Kill the server (its data is thrown away: no need for a graceful stop) and delete its
+        data directory."""
+        self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from storage.base import BlobStore
 from storage.local import LocalBlobStore
@@ -26,6 +27,13 @@ from tests import services
 from tests.services import S3Service
 
 pytest_plugins = ["tests.fakes.fixtures"]
+
+# Hypothesis: bounded examples by default (CI); `--hypothesis-profile long` for long runs.
+settings.register_profile("ci", max_examples=20, stateful_step_count=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=500, stateful_step_count=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,11 @@ Beyond the shape in issue 3, the config accepts (all optional):
 - ``paginator.limit_param`` / ``paginator.limit`` for ``cursor`` (Stripe's ``limit``).
 - ``paginator.has_more`` for ``page`` (as for ``offset``).
 - ``records`` may be omitted: the response body itself is then the list of records.
+- ``details`` (issue 15): list-then-detail fetches, see ``DetailsConfig``. With it, a chunk's
+  ``pages_per_chunk`` counts requests of both kinds: a chunk ends before a page whose requests
+  (the listing plus its detail batches) would exceed it, after at least one page.
+- ``auth`` may be OAuth2 (``connectors.oauth2``): ``oauth2_client_credentials`` or
+  ``oauth2_refresh_token``.
 
 Defaults: ``auth`` none, ``timeout_s`` 30, no ``rate_limit``, ``partitions`` none, ``paginator``
 none, ``params`` empty, no ``envelope``, no ``incremental``, ``transform`` identity. The
@@ -42,6 +47,7 @@ from pydantic.config import JsonDict
 from pydantic_core import ErrorDetails
 
 from connectors.jsontypes import JsonInt, integral
+from connectors.oauth2 import OAuth2ClientCredentials, OAuth2RefreshToken
 from connectors.transforms import TRANSFORMS
 from errors import ConfigError
 
@@ -160,7 +166,9 @@ class NoAuth(_Model):
     type: Literal["none"]
 
 
-AuthConfig = Annotated[BearerAuth | HeaderAuth | NoAuth, Field(discriminator="type")]
+AuthConfig = Annotated[
+    BearerAuth | HeaderAuth | NoAuth | OAuth2ClientCredentials | OAuth2RefreshToken, Field(discriminator="type")
+]
 
 
 class RateLimitConfig(_Model):
@@ -326,6 +334,34 @@ def uses_placeholder(template: str, name: str) -> bool:
     return any(field == name for _literal, field, _spec, _conv in string.Formatter().parse(template))
 
 
+class DetailsConfig(_Model):
+    """List-then-detail: each listed page gives ids; their records come from ``path`` in batches.
+
+    A detail request is ``GET base_url + path`` with ``ids_param`` set to up to ``batch`` ids
+    joined by ``separator`` (YouTube's ``/videos?id=a,b,c``), plus ``params``. The records
+    published are the detail records (read at ``records``, keyed by the resource's
+    ``primary_key``), in the order of the listing; ``join`` is the key of a detail record that
+    holds the id asked for, and ``list_id`` the dotted path of the id in a listed record
+    (default: ``join``). An id the upstream no longer details is skipped with a warning.
+    """
+
+    path: str = Field(min_length=1, max_length=2_000)
+    ids_param: ParamName
+    batch: int = Field(default=50, ge=1, le=1_000)
+    records: DottedPath | None = None
+    join: str = Field(min_length=1, max_length=200)
+    list_id: DottedPath | None = None
+    separator: str = Field(default=",", min_length=1, max_length=5)
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/' (it is appended to base_url)")
+        return _check_template(value)
+
+
 class ResourceConfig(_Model):
     """One resource: where to fetch it, how to page through it, how to read and key its records."""
 
@@ -362,6 +398,7 @@ class ResourceConfig(_Model):
     paginator: PaginatorConfig = NonePaginatorConfig(type="none")
     incremental: IncrementalConfig | None = None
     transform: str = Field(default="identity", json_schema_extra={"enum": _TRANSFORM_NAMES})
+    details: DetailsConfig | None = None
 
     @field_validator("path")
     @classmethod
@@ -489,6 +526,11 @@ def _describe(error: ErrorDetails) -> str:
     return f"{path or 'config'}: {message}"
 
 
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One ``key.path: problem`` line per error, input values never echoed (they may be secrets)."""
+    return [_describe(error) for error in exc.errors(include_url=False, include_input=False)]
+
+
 def parse_config(config: Any) -> RestConfig:
     """Validate a company's ``rest`` config.
 
@@ -499,7 +541,7 @@ def parse_config(config: Any) -> RestConfig:
     try:
         return RestConfig.model_validate(config)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors(include_url=False, include_input=False)]
+        problems = validation_problems(exc)
         # Not chained: pydantic's own message echoes input values, and a token pasted into
         # ``token_env`` by mistake must not reach a log through the traceback.
         raise ConfigError("rest config: " + "; ".join(problems)) from None

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr
 
 from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec
+from connectors.net import NetworkPolicy
+from connectors.oauth2 import MemoryTokenStore, OAuth2Auth, OAuth2ClientCredentials, OAuth2RefreshToken, TokenStore
+from connectors.paging import PageResult, fetch_chunk
 from connectors.rest.config import (
     BearerAuth,
     DailyPartitions,
+    DetailsConfig,
     HeaderAuth,
     NonePartitions,
     ParamValue,
     ResourceConfig,
-    RestConfig,
+    RetryConfig,
     parse_config,
     secret_paths,
     uses_placeholder,
@@ -82,7 +85,20 @@ class SecretHeader(httpx.Auth):
         return f"SecretHeader(header={self.header!r}, {source})"
 
 
-def _make_auth(config: RestConfig, environ: Mapping[str, str]) -> SecretHeader | None:
+class HasAuth(Protocol):
+    """The part of a declarative connector's config that says how to authenticate."""
+
+    @property
+    def auth(self) -> Any: ...
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def retry(self) -> RetryConfig: ...
+
+
+def _make_auth(config: HasAuth, environ: Mapping[str, str]) -> SecretHeader | None:
     if isinstance(config.auth, BearerAuth):
         return SecretHeader("Authorization", prefix="Bearer ", value=config.auth.token,
                             env_var=config.auth.token_env, environ=environ)
@@ -92,11 +108,52 @@ def _make_auth(config: RestConfig, environ: Mapping[str, str]) -> SecretHeader |
     return None
 
 
-def check_env_name(key: str, name: str, prefix: str) -> None:
+def build_auth(
+    config: HasAuth, *, environ: Mapping[str, str], tokens: TokenStore | None, network: NetworkPolicy
+) -> tuple[SecretHeader | OAuth2Auth | None, HttpClient | None]:
+    """The auth of a ``rest`` or ``graphql`` config, and the token client an OAuth2 auth owns.
+
+    ``tokens`` is the company's token store (``MemoryTokenStore`` when none is given); token
+    requests obey ``network`` like the upstream's own.
+    """
+    if isinstance(config.auth, OAuth2ClientCredentials | OAuth2RefreshToken):
+        token_client = HttpClient(config.auth.token_url, timeout_s=config.timeout_s, retry=config.retry,
+                                  network=network)
+        auth = OAuth2Auth(config.auth, tokens=tokens or MemoryTokenStore(), token_client=token_client)
+        return auth, token_client
+    return _make_auth(config, environ), None
+
+
+def check_auth_admission(config: HasAuth, context: ConnectorContext, *, kind: str) -> None:
+    """Refuse an auth that names a variable outside the prefix, or a refused IP-literal ``token_url``."""
+    auth = config.auth
+    if isinstance(auth, BearerAuth | HeaderAuth):
+        key, name = auth.env_key
+        if name is not None:
+            check_env_name(f"auth.{key}", name, context.env_prefix, kind=kind)
+    elif isinstance(auth, OAuth2ClientCredentials | OAuth2RefreshToken):
+        try:
+            context.network.check_url(auth.token_url)
+        except ConfigError as exc:
+            raise ConfigError(f"{kind} config: auth.token_url: {exc}") from None
+
+
+def partition_keys(partitions: DailyPartitions | NonePartitions, today: date) -> list[str]:
+    """The partition keys of a declarative resource on ``today``: ``["all"]`` for ``none``; for
+    ``daily``, ISO dates from ``today - days_back`` to ``today + days_ahead - 1`` (``days_ahead``
+    counts today)."""
+    if isinstance(partitions, DailyPartitions):
+        first = today - timedelta(days=partitions.days_back)
+        days = partitions.days_back + partitions.days_ahead
+        return [(first + timedelta(days=offset)).isoformat() for offset in range(days)]
+    return ["all"]
+
+
+def check_env_name(key: str, name: str, prefix: str, *, kind: str = "rest") -> None:
     """Raise ``ConfigError`` unless a config may name the variable ``name`` at ``key``."""
     if not name.startswith(prefix) or name.startswith("PIPELINE_"):
         raise ConfigError(
-            f"rest config: {key}: variable {name} is not allowed: connector configs may only name "
+            f"{kind} config: {key}: variable {name} is not allowed: connector configs may only name "
             f"environment variables starting with {prefix} (PIPELINE_CONNECTOR_ENV_PREFIX)"
         )
 
@@ -117,6 +174,8 @@ class RestConnector:
         on_response: called with the status of every upstream response (for metrics).
         context: the variables ``auth`` may read (when each request is sent), the addresses the
             client may connect to and the response cap (default: none, public only, 64 MiB).
+        tokens: the company's OAuth2 token store (``connectors.oauth2``), shared by every
+            worker; an in-process one when not given.
 
     Raises:
         ConfigError: an invalid config, naming the key path.
@@ -131,6 +190,7 @@ class RestConnector:
         limiter: RateLimiter | None = None,
         on_response: Callable[[int], None] | None = None,
         context: ConnectorContext | None = None,
+        tokens: TokenStore | None = None,
     ) -> None:
         self.config = parse_config(config)
         self._context = context or ConnectorContext()
@@ -150,7 +210,9 @@ class RestConnector:
             )
             self._resources[name] = _Resource(spec, resource, paginator)
         rate_limit = self.config.rate_limit
-        self._auth = _make_auth(self.config, self._context.environ)
+        self._auth, self._token_client = build_auth(
+            self.config, environ=self._context.environ, tokens=tokens, network=self._context.network
+        )
         self._http = HttpClient(
             self.config.base_url,
             timeout_s=self.config.timeout_s,
@@ -174,11 +236,7 @@ class RestConnector:
             raise ConfigError(f"rest config: base_url: {exc}") from None
 
     def _check_env(self, context: ConnectorContext) -> None:
-        auth = self.config.auth
-        if isinstance(auth, BearerAuth | HeaderAuth):
-            key, name = auth.env_key
-            if name is not None:
-                check_env_name(f"auth.{key}", name, context.env_prefix)
+        check_auth_admission(self.config, context, kind="rest")
 
     def secret_paths(self) -> list[tuple[str | int, ...]]:
         return secret_paths(self.config)
@@ -207,19 +265,16 @@ class RestConnector:
     def partitions(self, resource: str, today: date) -> list[str]:
         """``["all"]`` for ``none``; for ``daily``, ISO dates from ``today - days_back`` to
         ``today + days_ahead - 1`` (``days_ahead`` counts today)."""
-        partitions = self._resource(resource).config.partitions
-        if isinstance(partitions, DailyPartitions):
-            first = today - timedelta(days=partitions.days_back)
-            days = partitions.days_back + partitions.days_ahead
-            return [(first + timedelta(days=offset)).isoformat() for offset in range(days)]
-        return ["all"]
+        return partition_keys(self._resource(resource).config.partitions, today)
 
     def fetch(self, request: FetchRequest) -> Chunk:
         """Fetch up to ``pages_per_chunk`` pages of one partition, resuming from ``request.state``.
 
         Stops early, after at least one page, when another page of the slowest duration seen
-        so far would end past ``request.deadline``. With ``request.since`` and an
-        ``incremental`` config, ``incremental.param=since`` is sent with every page.
+        so far would end past ``request.deadline`` (see ``connectors.paging.fetch_chunk``). With
+        ``request.since`` and an ``incremental`` config, ``incremental.param=since`` is sent
+        with every page. With ``details``, each page of ids is followed by its detail requests,
+        and ``pages_per_chunk`` bounds the requests of both kinds.
 
         A retryable failure after at least one page of this chunk ends the chunk early instead
         of raising, so the pages already read are kept; if it persists, the next call raises.
@@ -227,7 +282,8 @@ class RestConnector:
         Raises:
             UpstreamError: ``retryable=False`` for a malformed page (naming what is wrong), an
                 envelope reporting failure (with the upstream's message), a 4xx; ``retryable=True``
-                when retries of the first page ran out.
+                when retries of the first page ran out. ``UpstreamAuthError`` when the OAuth2
+                grant was refused.
             ConfigError: a secret's environment variable is unset, or ``{external_id}`` is used
                 and the company has none.
         """
@@ -246,13 +302,10 @@ class RestConnector:
     def _fetch(self, resource: _Resource, request: FetchRequest) -> Chunk:
         state = dict(request.state) if request.state is not None else resource.paginator.initial_state()
         url, params = self._render(resource.config, request)
-        records: list[Record] = []
-        sent_before = self._http.requests_sent
-        slowest = 0.0
-        done = False
-        for page_number in range(self.config.pages_per_chunk):
-            if page_number and request.deadline is not None and time.monotonic() + slowest > request.deadline:
-                break
+        details = resource.config.details
+        detail_url, detail_params = self._render_details(details, request) if details else ("", {})
+
+        def fetch_page(state: dict[str, Any], deadline: float | None) -> PageResult:
             try:
                 page_url, page_params = resource.paginator.update_request(state, dict(params), url)
             except (KeyError, TypeError, ValueError) as exc:
@@ -261,36 +314,76 @@ class RestConnector:
                     f"resource {resource.spec.name!r}: the saved fetch state {state!r} does not fit its "
                     f"{resource.config.paginator.type} paginator; sync the partition again from the start"
                 ) from exc
-            started = time.monotonic()
-            try:
-                response = self._http.get(page_url, params=page_params, deadline=request.deadline,
-                                          hard_deadline=request.lease_deadline)
-            except UpstreamError as exc:
-                if exc.retryable and page_number:
-                    logger.warning(
-                        "%s/%s: ending the chunk after %d pages: %s",
-                        resource.spec.name,
-                        request.partition,
-                        page_number,
-                        self._auth.scrub(str(exc)) if self._auth is not None else exc,
-                    )
-                    break
-                raise
-            slowest = max(slowest, time.monotonic() - started)
+            response = self._http.get(page_url, params=page_params, deadline=deadline,
+                                      hard_deadline=request.lease_deadline)
             try:
                 body = self._decode(response)
-                page_records = self._read_records(resource.config, body)
-                state, more = resource.paginator.update_state(state, Page(response, body, page_records))
+                key = (details.list_id or details.join) if details else resource.config.primary_key
+                page_records = self._read_records(resource.config, body, key=key,
+                                                  records_path=resource.config.records)
+                new_state, more = resource.paginator.update_state(state, Page(response, body, page_records))
             except UpstreamError as exc:
                 where = f"resource {resource.spec.name!r}, partition {request.partition!r}"
                 raise UpstreamError(f"{where}, GET {response.request.url.path}: {exc}", retryable=False) from exc
-            records.extend(page_records)
-            if not more:
-                done = True
-                break
-        return Chunk(records=records, state=state, done=done, requests=self._http.requests_sent - sent_before)
+            if details is not None:
+                page_records = self._fetch_details(
+                    resource, details, page_records, detail_url, detail_params, request, deadline
+                )
+            return PageResult(page_records, new_state, more)
 
-    def _render(self, resource: ResourceConfig, request: FetchRequest) -> tuple[str, dict[str, ParamValue]]:
+        return fetch_chunk(
+            fetch_page,
+            state,
+            max_pages=self.config.pages_per_chunk,
+            max_requests=self.config.pages_per_chunk if details else None,
+            deadline=request.deadline,
+            requests_sent=lambda: self._http.requests_sent,
+            label=f"{resource.spec.name}/{request.partition}",
+            scrub=self._auth.scrub if self._auth is not None else None,
+        )
+
+    def _fetch_details(
+        self,
+        resource: _Resource,
+        details: DetailsConfig,
+        listed: list[Record],
+        url: str,
+        params: dict[str, ParamValue],
+        request: FetchRequest,
+        deadline: float | None,
+    ) -> list[Record]:
+        """The detail records of one listed page, ``details.batch`` ids per request, in listing order."""
+        ids = [str(lookup(record, details.list_id or details.join)) for record in listed]
+        found: dict[str, Record] = {}
+        for start in range(0, len(ids), details.batch):
+            batch = ids[start : start + details.batch]
+            response = self._http.get(url, params={**params, details.ids_param: details.separator.join(batch)},
+                                      deadline=deadline, hard_deadline=request.lease_deadline)
+            try:
+                body = self._decode(response)
+                records = self._read_records(resource.config, body, key=resource.config.primary_key,
+                                             records_path=details.records)
+                for index, record in enumerate(records):
+                    joined = record.get(details.join)
+                    if joined is None:
+                        raise UpstreamError(f"detail record #{index} has no join key {details.join!r}")
+                    found[str(joined)] = record
+            except UpstreamError as exc:
+                where = f"resource {resource.spec.name!r}, partition {request.partition!r}"
+                raise UpstreamError(f"{where}, GET {response.request.url.path}: {exc}", retryable=False) from exc
+        missing = [item for item in ids if item not in found]
+        if missing:
+            logger.warning("%s/%s: %d listed ids have no detail record (e.g. %s); skipped",
+                           resource.spec.name, request.partition, len(missing), missing[0])
+        return [found[item] for item in dict.fromkeys(ids) if item in found]
+
+    def _render_details(self, details: DetailsConfig, request: FetchRequest) -> tuple[str, dict[str, ParamValue]]:
+        detail = ResourceConfig(path=details.path, params=details.params, primary_key="-")
+        return self._render(detail, request, incremental=False)
+
+    def _render(
+        self, resource: ResourceConfig, request: FetchRequest, *, incremental: bool = True
+    ) -> tuple[str, dict[str, ParamValue]]:
         values = {"partition": request.partition, "external_id": request.external_id}
 
         def render(template: str, *, in_path: bool) -> str:
@@ -305,7 +398,7 @@ class RestConnector:
             key: render(value, in_path=False) if isinstance(value, str) else value
             for key, value in resource.params.items()
         }
-        if request.since is not None and resource.incremental is not None:
+        if incremental and request.since is not None and resource.incremental is not None:
             params[resource.incremental.param] = request.since
         return url, params
 
@@ -320,7 +413,11 @@ class RestConnector:
             ) from None
 
     @staticmethod
-    def _read_records(resource: ResourceConfig, body: Any) -> list[Record]:
+    def _read_records(
+        resource: ResourceConfig, body: Any, *, key: str, records_path: str | None
+    ) -> list[Record]:
+        """The records at ``records_path`` in ``body`` (``None``: the body), each an object with a
+        non-null ``key`` (the primary key, or the dotted path of a listed id)."""
         envelope = resource.envelope
         if envelope is not None:
             success = lookup(body, envelope.success)
@@ -331,10 +428,10 @@ class RestConnector:
                 # Bounded and printable: what answered must not be able to fill task errors.
                 detail = "no message" if message is MISSING or message is None else printable_excerpt(str(message))
                 raise UpstreamError(f"the upstream reported failure ({envelope.success}={success!r}): {detail}")
-        if resource.records is None:
+        if records_path is None:
             records, where = body, "the response body"
         else:
-            records, where = lookup(body, resource.records), f"records path {resource.records!r}"
+            records, where = lookup(body, records_path), f"records path {records_path!r}"
             if records is MISSING:
                 raise UpstreamError(f"{where} is missing from the response")
         if not isinstance(records, list):
@@ -343,9 +440,13 @@ class RestConnector:
         for index, record in enumerate(records):
             if not isinstance(record, dict):
                 raise UpstreamError(f"record #{index} in {where} is {type(record).__name__}, expected an object")
-            if record.get(resource.primary_key) is None:
-                raise UpstreamError(f"record #{index} in {where} has no primary key {resource.primary_key!r}")
+            found = record.get(key) if key == resource.primary_key else lookup(record, key)
+            if found is MISSING or found is None:
+                noun = "primary key" if key == resource.primary_key else "id at"
+                raise UpstreamError(f"record #{index} in {where} has no {noun} {key!r}")
         return records
 
     def close(self) -> None:
         self._http.close()
+        if self._token_client is not None:
+            self._token_client.close()

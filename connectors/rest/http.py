@@ -1,11 +1,13 @@
-"""HTTP for the REST connector: timeouts, retries with backoff, ``Retry-After`` and a shared rate limit.
+"""HTTP for the REST and GraphQL connectors: timeouts, retries with backoff, ``Retry-After`` and a shared rate limit.
+
+Retries are ``tenacity``'s: the retry predicate is "the attempt raised ``_Retryable``" (a
+transport error, 429 or 5xx, classified where the response is read), the wait is the
+upstream's ``Retry-After`` when it sent one and full-jitter exponential backoff otherwise, and
+the stop is bound to the caller's deadline: no wait may end past it, nor push the total wait
+past ``retry.max_wait_s``, nor follow the last of ``retry.max_attempts``.
 
 Every connection goes through the SSRF guard (``connectors.net.GuardedTransport``) and every
 body is streamed under ``PIPELINE_UPSTREAM_MAX_RESPONSE_BYTES``.
-
-Retries are a short loop rather than a retry library: the wait honours ``Retry-After``, the stop
-depends on the caller's deadline and the decision depends on the response status, so every part
-of a generic retrier would have been replaced.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any, NoReturn
 
 import httpx
+import tenacity
 
 from connectors.base import RateLimiter
 from connectors.net import GuardedTransport, NetworkPolicy
@@ -33,7 +38,10 @@ _WIRE_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encod
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date); ``None`` if unusable."""
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date); ``None`` if unusable.
+
+    Neither tenacity nor httpx parses this header; the HTTP-date form is the standard library's.
+    """
     if value is None:
         return None
     value = value.strip()
@@ -79,7 +87,8 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def _retryable_status(status: int) -> bool:
+def retryable_status(status: int) -> bool:
+    """Whether another attempt may get a different answer: 429 and 5xx."""
     return status == 429 or status >= 500
 
 
@@ -119,15 +128,61 @@ class _TotalTimeTransport(httpx.BaseTransport):
         self._inner.close()
 
 
+# Errors raised before the request reached the upstream: safe to retry even a non-idempotent POST.
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class _Retryable(Exception):
+    """One failed attempt that another may fix; only ever seen by the retry loop."""
+
+    def __init__(self, problem: str, *, status: int | None, retry_after: float | None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Stop:
+    """Tenacity stop condition that also remembers why it stopped, for the error message."""
+
+    retry: RetryConfig
+    deadline: float | None
+    reason: str = ""
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= self.retry.max_attempts:
+            self.reason = f"gave up after {state.attempt_number} attempts"
+            return True
+        delay = state.upcoming_sleep
+        over_deadline = self.deadline is not None and time.monotonic() + delay > self.deadline
+        if over_deadline or state.idle_for + delay > self.retry.max_wait_s:
+            limit = "the time budget" if over_deadline else f"retry.max_wait_s ({self.retry.max_wait_s:g}s)"
+            failure = _failure(state)
+            source = "Retry-After" if failure is not None and failure.retry_after is not None else "backoff"
+            self.reason = (
+                f"gave up after {state.attempt_number} attempts: "
+                f"waiting {delay:.1f}s more ({source}) would exceed {limit}"
+            )
+            return True
+        return False
+
+
+def _failure(state: tenacity.RetryCallState) -> _Retryable | None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc if isinstance(exc, _Retryable) else None
+
+
 class HttpClient:
-    """GET requests to one upstream with retries, backoff and a rate limit.
+    """Requests to one upstream with retries, backoff and a rate limit.
 
     Parameters:
         base_url: the upstream; also the rate limiter's key, so every company on one upstream
             shares its limit.
         timeout_s: connect, read, write and pool timeout of each request.
         retry: attempts and waits (see ``RetryConfig``).
-        auth: adds credentials to each request (``connectors.rest.connector.EnvAuth``).
+        auth: adds credentials to each request (``connectors.rest.connector.EnvAuth``,
+            ``connectors.oauth2.OAuth2Auth``).
         limiter: spaces requests across processes; used only with ``requests_per_second``.
         on_response: called with the status of every response received (retries included),
             e.g. to count requests per status in metrics.
@@ -168,11 +223,27 @@ class HttpClient:
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "sync-pipeline-rest-connector"},
         )
+        # Hooks, so that requests an auth flow sends itself (the retry after a token refresh)
+        # are counted and their responses reach the metrics too.
+        self._client.event_hooks = {"request": [self._count_request], "response": [self._on_response]}
 
     def backoff(self, retry_number: int) -> float:
         """Exponential backoff with full jitter for the ``retry_number``-th retry (1-based)."""
         ceiling = min(self.retry.max_backoff_s, self.retry.backoff_s * 2 ** (retry_number - 1))
         return self._random.uniform(0, ceiling)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        failure = _failure(state)
+        if failure is not None and failure.retry_after is not None:
+            return failure.retry_after
+        return self.backoff(state.attempt_number)
+
+    def _count_request(self, request: httpx.Request) -> None:
+        self.requests_sent += 1
+
+    def _on_response(self, response: httpx.Response) -> None:
+        if self.on_response is not None:
+            self.on_response(response.status_code)
 
     def get(
         self, url: str, *, params: Mapping[str, ParamValue] | None = None, deadline: float | None = None,
@@ -193,67 +264,98 @@ class HttpClient:
                 4xx or a redirect; ``retryable=True`` (with the last status, if any) once the
                 attempts, the total wait or the deadline are used up.
         """
+        return self.request("GET", url, params=params, deadline=deadline, hard_deadline=hard_deadline)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, ParamValue] | None = None,
+        json: Any = None,
+        data: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+        hard_deadline: float | None = None,
+        idempotent: bool = True,
+        auth: httpx.Auth | None = None,
+        ok_statuses: frozenset[int] = frozenset(),
+        retry_response: Callable[[httpx.Response], str | None] | None = None,
+    ) -> httpx.Response:
+        """Send one request with the retries of ``get``.
+
+        Parameters:
+            json, data: a JSON or form body (GraphQL queries, OAuth2 token requests).
+            idempotent: ``False`` for a request that must not be repeated once the upstream may
+                have acted on it (a rotating refresh-token grant): only failures before the
+                request was sent, and 429, are retried.
+            auth: overrides the client's auth for this request.
+            ok_statuses: statuses returned like a 2xx instead of raised (an OAuth2 error body
+                to read).
+            retry_response: says why a 2xx response must be retried like a 429 (a GraphQL
+                ``errors`` array saying the query was throttled), or ``None``.
+
+        Raises:
+            UpstreamError: as for ``get``.
+        """
         path = httpx.URL(url).path
-        waited = 0.0
-        attempts = 0
-        while True:
-            attempts += 1
+        stop = _Stop(self.retry, deadline)
+
+        def attempt() -> httpx.Response:
             if self.limiter is not None and self.requests_per_second:
                 self.limiter.acquire(self.base_url, self.requests_per_second, deadline=hard_deadline)
-            self.requests_sent += 1
-            status: int | None = None
-            retry_after: float | None = None
             # Each request gets timeout_s in total (not per I/O), and never runs past the lease.
             total = self.timeout_s
             if hard_deadline is not None:
                 total = max(0.1, min(total, hard_deadline - time.monotonic()))
             try:
-                response = self._send(url, params, total)
+                # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
+                request = self._client.build_request(
+                    method, url, params=dict(params) if params else None, json=json, data=data, timeout=total,
+                    extensions={"total_deadline": time.monotonic() + total},
+                )
+                response = self._send(request, auth)
             except httpx.TransportError as exc:
-                failure: Exception | None = exc
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if not idempotent and not isinstance(exc, _UNSENT):
+                    raise UpstreamError(f"{method} {path}: {problem}", retryable=True) from exc
+                raise _Retryable(problem, status=None, retry_after=None) from exc
             except httpx.HTTPError as exc:
-                raise UpstreamError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
-            else:
-                failure = None
-                status = response.status_code
-                if self.on_response is not None:
-                    self.on_response(status)
-                if status < 300:
-                    return response
-                if not _retryable_status(status):
-                    raise UpstreamError(self._describe(response), retryable=False, status=status)
-                problem = f"HTTP {status}: {body_excerpt(response)}"
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                raise UpstreamError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            status = response.status_code
+            if status < 300 and retry_response is not None and (throttled := retry_response(response)):
+                raise _Retryable(throttled, status=status, retry_after=parse_retry_after(
+                    response.headers.get("Retry-After")))
+            if status < 300 or status in ok_statuses:
+                return response
+            if not retryable_status(status):
+                raise UpstreamError(self._describe(response), retryable=False, status=status)
+            problem = f"HTTP {status}: {body_excerpt(response)}"
+            if not idempotent and status != 429:
+                raise UpstreamError(f"{method} {path}: {problem}", retryable=True, status=status)
+            raise _Retryable(problem, status=status, retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
-            if attempts >= self.retry.max_attempts:
-                raise UpstreamError(
-                    f"GET {path}: {problem} (gave up after {attempts} attempts)",
-                    retryable=True,
-                    status=status,
-                ) from failure
-            delay = retry_after if retry_after is not None else self.backoff(attempts)
-            over_deadline = deadline is not None and time.monotonic() + delay > deadline
-            if over_deadline or waited + delay > self.retry.max_wait_s:
-                limit = "the time budget" if over_deadline else f"retry.max_wait_s ({self.retry.max_wait_s:g}s)"
-                source = "Retry-After" if retry_after is not None else "backoff"
-                raise UpstreamError(
-                    f"GET {path}: {problem} (gave up after {attempts} attempts: "
-                    f"waiting {delay:.1f}s more ({source}) would exceed {limit})",
-                    retryable=True,
-                    status=status,
-                ) from failure
-            time.sleep(delay)
-            waited += delay
+        def give_up(state: tenacity.RetryCallState) -> NoReturn:
+            failure = _failure(state)
+            assert failure is not None  # the predicate retries nothing else
+            raise UpstreamError(
+                f"{method} {path}: {failure.problem} ({stop.reason})", retryable=True, status=failure.status
+            ) from failure.__cause__
 
-    def _send(self, url: str, params: Mapping[str, ParamValue] | None, total: float) -> httpx.Response:
-        """One GET taking at most ``total`` seconds, its body read under the cap; the response
-        returned holds the decoded body."""
-        # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
-        request = self._client.build_request("GET", url, params=dict(params) if params else None, timeout=total,
-                                             extensions={"total_deadline": time.monotonic() + total})
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            wait=self._wait,
+            stop=stop,
+            retry_error_callback=give_up,
+            sleep=time.sleep,
+        )
+        response: httpx.Response = retrying(attempt)
+        return response
+
+    def _send(self, request: httpx.Request, auth: httpx.Auth | None) -> httpx.Response:
+        """Send ``request`` (its total time bounded by its ``total_deadline``), its body read under
+        the cap; the response returned holds the decoded body."""
         cap = self.max_response_bytes
-        response = self._client.send(request, stream=True)
+        response = self._client.send(request, stream=True, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
         try:
             declared = response.headers.get("Content-Length", "")
             too_big = declared.isdigit() and int(declared) > cap
@@ -271,21 +373,23 @@ class HttpClient:
         if too_big:
             parts.clear()
             raise UpstreamError(
-                f"GET {request.url.path}: HTTP {response.status_code}: the response body is larger than "
+                f"{request.method} {request.url.path}: HTTP {response.status_code}: the response body is larger than "
                 f"{CAP_SETTING} ({cap} bytes = {_mib(cap)}); fetch smaller pages (the paginator's limit)",
                 retryable=False, status=response.status_code,
             )
         headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _WIRE_HEADERS]
-        return httpx.Response(response.status_code, headers=headers, content=b"".join(parts), request=request)
+        # The request that got this response (an auth flow may have re-sent it with another token).
+        return httpx.Response(response.status_code, headers=headers, content=b"".join(parts),
+                              request=response.request)
 
     @staticmethod
     def _describe(response: httpx.Response) -> str:
-        path = response.request.url.path
+        method, path = response.request.method, response.request.url.path
         if 300 <= response.status_code < 400:
             location = response.headers.get("Location", "?")
-            return (f"GET {path}: HTTP {response.status_code} redirect to {printable_excerpt(location)} "
+            return (f"{method} {path}: HTTP {response.status_code} redirect to {printable_excerpt(location)} "
                     "(redirects are not followed)")
-        return f"GET {path}: HTTP {response.status_code}: {body_excerpt(response)}"
+        return f"{method} {path}: HTTP {response.status_code}: {body_excerpt(response)}"
 
     def close(self) -> None:
         """Close the connection pool."""

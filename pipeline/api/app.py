@@ -20,10 +20,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from connectors.rest.config import ENV_VAR_PATTERN
-from pipeline.api import companies, control, metrics, read
+from pipeline.api import companies, control, metrics, read, tenant
 from pipeline.api.deps import ApiState
 from pipeline.api.errors import BODY_RESPONSES, install_error_handlers
 from pipeline.api.limits import BodyLimit
+from pipeline.console import install_console
 from pipeline.runtime import Runtime
 from pipeline.settings import load_settings
 
@@ -81,12 +82,15 @@ def create_app(
     )
     app.state.api = state
     install_error_handlers(app)
+    # Before the read API: its /v1/{resource} would take /v1/jobs for a resource.
+    app.include_router(tenant.router)
     app.include_router(read.router)
     # Without an admin key the control endpoints answer 503 and are left out of the schema.
     control_enabled = bool(runtime.settings.admin_api_key)
     app.include_router(control.router, include_in_schema=control_enabled)
     app.include_router(companies.router, include_in_schema=control_enabled)
     app.include_router(metrics.router)
+    install_console(app)
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.api_max_body_bytes)
     app.add_middleware(metrics.RequestLatency)
     _document_body_errors(app, runtime)

@@ -17,18 +17,19 @@ import contextlib
 import secrets
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
+from connectors.base import RateLimiter
 from connectors.jsontypes import integral
-from pipeline.api.deps import State, api_state
+from pipeline.api.deps import ApiState, State, api_state
 from pipeline.api.errors import ErrorBody, error_response
 from pipeline.api.limits import SlotStreamingResponse, StreamsExhausted, StreamSlots, streams_exhausted
 from pipeline.control import (
@@ -49,12 +50,15 @@ from pipeline.control import (
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
+from pipeline.immediate import submit_immediate
+from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
 ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
 MAX_ID = 2**53 - 1
 """The largest id the API accepts: every JSON client (JavaScript, a generator working in doubles)
 represents it exactly, so the bound in the schema is the bound that is checked."""
+JOB_DETAIL = TypeAdapter(JobDetail)
 JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]  # pipeline.models.STATUSES
 
 # --- per-app state -----------------------------------------------------------------------------
@@ -78,6 +82,7 @@ class ControlState:
         self._dispatcher = dispatcher
         self._feed = feed
         self._owned_feed: JobFeed | None = None
+        self._limiter: RateLimiter | None = None
         self._lock = threading.Lock()
         self._resources = contextlib.ExitStack()
         self.streams = StreamSlots(runtime.settings.api_max_event_streams)
@@ -99,6 +104,13 @@ class ControlState:
                     self._resources.enter_context(running_worker(broker, threads=settings.worker_threads))
                 self._dispatcher = actors
             return self._dispatcher
+
+    def limiter(self) -> RateLimiter:
+        """The upstream rate limiter for syncs run in this process (immediate mode)."""
+        with self._lock:
+            if self._limiter is None:
+                self._limiter = make_rate_limiter(self.runtime.engine)
+            return self._limiter
 
     def feed(self) -> JobFeed:
         """The event feed (call on the event loop): one per app, built on first use."""
@@ -188,6 +200,11 @@ class SyncRequest(BaseModel):
     partitions: list[PartitionKey] | None = Field(default=None, max_length=10_000)
     mode: Literal["full", "incremental"] = "full"
     priority: Literal["high", "normal"] | None = None
+    immediate: bool = Field(
+        default=False,
+        description="Run the sync before answering: 200 with the finished job (at most "
+        "PIPELINE_IMMEDIATE_MAX_TASKS tasks, else 422)",
+    )
 
 
 class SyncAccepted(BaseModel):
@@ -202,50 +219,87 @@ class SyncAccepted(BaseModel):
     events_url: str
 
 
-@router.post(
-    "/sync",
-    status_code=202,
-    response_model=SyncAccepted,
-    responses={
-        404: {"model": ErrorBody, "description": "A company in scope does not exist"},
-        409: {
-            "model": ErrorBody,
-            "description": "A company in scope is disabled or unusable, or does not offer a resource in scope",
-        },
-        429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
+SYNC_CONFLICTS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "A company in scope does not exist"},
+    409: {
+        "model": ErrorBody,
+        "description": "A company in scope is disabled or unusable, does not offer a resource in scope,"
+        " or has more tasks than `immediate` runs",
     },
-    summary="Start a sync: records the job and hands its planning to the coordinator, answers before any task "
-            "exists (status planning; total_tasks and the tasks appear once it is planned)",
-)
-def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
+    429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
+}
+"""The answers of ``immediate_or_queued`` beyond the body's validation (``POST /sync``, ``POST /v1/sync``)."""
+
+
+def immediate_or_queued(
+    state: ApiState,
+    control: ControlState,
+    *,
+    immediate: bool,
+    company_ids: list[int] | None,
+    resources: list[str] | None,
+    partitions: list[str] | None,
+    mode: str,
+    accepted: Callable[[uuid.UUID, list[str], str, int], Any],
+    finished: Callable[[uuid.UUID], Any],
+    priority: str | None = None,
+) -> Any:
+    """Start a sync the way ``POST /sync`` and ``POST /v1/sync`` both do.
+
+    Queued: 202 with ``accepted(job_id, resources, status, total_tasks)`` (status "planning":
+    the coordinator plans the tasks). Immediate: the job is planned and its tasks run in this
+    request (``pipeline.immediate``); 200 with ``finished(job_id)`` when they all ended in time,
+    else 202 (the rest finishes on the fleet). A company that does not exist answers 404; one that
+    cannot be synced now (disabled, unusable config, a resource it does not offer, too many tasks
+    for ``immediate``) 409 naming it; the unfinished-jobs cap 429. The body itself was validated
+    by its model (422), so a 4xx here is never about its shape.
+    """
     settings = state.runtime.settings
     try:
+        if immediate:
+            result = submit_immediate(
+                state.runtime, control.dispatcher(), trigger="api", limiter=control.limiter(), mode=mode,
+                company_ids=company_ids, resources=resources, partitions=partitions,
+            )
+            if result.finished:
+                body = JOB_DETAIL.dump_json(finished(result.job_id))  # as the response_model would
+                return Response(body, status_code=200, media_type="application/json")
+            return accepted(result.job_id, result.resources, "processing", result.total_tasks)
         submitted = submit_job(
-            state.runtime.engine,
-            control.dispatcher(),
-            trigger="api",
-            max_unfinished=settings.max_unfinished_jobs,
-            mode=body.mode,
-            company_ids=body.company_ids,
-            resources=body.resources,
-            partitions=body.partitions,
-            priority=body.priority,
+            state.runtime.engine, control.dispatcher(), trigger="api", max_unfinished=settings.max_unfinished_jobs,
+            mode=mode, company_ids=company_ids, resources=resources, partitions=partitions, priority=priority,
         )
     except TooManyJobs as exc:
         return error_response(429, "too_many_jobs", str(exc))
     except NotFound as exc:
         return error_response(404, "unknown_company", str(exc))
-    except ConfigError as exc:
-        # The body is valid (the model checked it); what it names is not syncable now.
+    except ConfigError as exc:  # TooLargeForImmediate included: its message names `immediate`
         return error_response(409, "conflict", str(exc))
-    job = str(submitted.job_id)
-    return SyncAccepted(
-        job_id=submitted.job_id,
-        status="planning",
-        total_tasks=0,
-        resource_types=submitted.resources,
-        status_url=f"/sync/jobs/{job}",
-        events_url=f"/sync/jobs/{job}/events",
+    return accepted(submitted.job_id, submitted.resources, "planning", 0)
+
+
+@router.post(
+    "/sync",
+    status_code=202,
+    response_model=SyncAccepted,
+    responses={
+        200: {"model": JobDetail, "description": "`immediate`: the finished job"},
+        **SYNC_CONFLICTS,
+    },
+    summary="Start a sync: records the job and hands its planning to the coordinator, answers before any task "
+            "exists (status planning; total_tasks and the tasks appear once it is planned); `immediate` runs it",
+)
+def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
+    def accepted(job_id: uuid.UUID, resources: list[str], status: str, total_tasks: int) -> SyncAccepted:
+        return SyncAccepted(
+            job_id=job_id, status=status, total_tasks=total_tasks, resource_types=resources,
+            status_url=f"/sync/jobs/{job_id}", events_url=f"/sync/jobs/{job_id}/events",
+        )
+
+    return immediate_or_queued(
+        state, control, immediate=body.immediate, company_ids=body.company_ids, resources=body.resources,
+        partitions=body.partitions, mode=body.mode, priority=body.priority, accepted=accepted,
+        finished=lambda job_id: job_detail(state.runtime.engine, job_id=job_id),
     )
 
 
@@ -295,6 +349,16 @@ def _sse(event_id: int, event: Event) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), orjson.dumps(data))
 
 
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorBody,
+        "description": "Too many event streams are open in this process (see Retry-After), or the feed is down",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}},
+    },
+}
+"""OpenAPI ``responses`` of the event-stream endpoints (``event_stream_response``)."""
+
+
 @router.get(
     "/sync/jobs/{job_id}/events",
     response_class=StreamingResponse,
@@ -304,11 +368,7 @@ def _sse(event_id: int, event: Event) -> bytes:
             "description": "Server-Sent Events: snapshot, then task / progress events, then end",
         },
         404: {"model": ErrorBody, "description": "No such job"},
-        503: {
-            "model": ErrorBody,
-            "description": "Too many event streams are open in this process (see Retry-After), or the feed is down",
-            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}},
-        },
+        **STREAM_RESPONSES,
     },
     summary="Live events of a job (Server-Sent Events), ending with its final state",
     description=(
@@ -318,17 +378,37 @@ def _sse(event_id: int, event: Event) -> bytes:
     ),
 )
 async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> Response:
-    try:
-        release = control.streams.acquire()
-    except StreamsExhausted as exc:
-        return streams_exhausted(exc)
-    try:
-        stream = job_event_stream(state.runtime.engine, control.feed(), job_id)
+    return await event_stream_response(
+        job_event_stream(state.runtime.engine, control.feed(), job_id), slots=control.streams
+    )
+
+
+
+
+def _nothing() -> None:
+    pass
+
+
+async def event_stream_response(stream: AsyncGenerator[Event, None], *, slots: StreamSlots | None = None) -> Response:
+    """Serve ``stream`` as Server-Sent Events; its first event is pulled first, so a missing job
+    (``NotFound``) answers 404 and an unavailable feed 503 instead of an empty stream.
+
+    With ``slots``, the stream holds one of this process's ``PIPELINE_API_MAX_EVENT_STREAMS``
+    slots until it ends however it ends; none free answers 503 with ``Retry-After``.
+    """
+    release: Callable[[], None] = _nothing
+    if slots is not None:
         try:
-            first = await anext(stream)
-        except FeedUnavailable as exc:
-            release()
-            return error_response(503, "events_unavailable", str(exc))
+            release = slots.acquire()
+        except StreamsExhausted as exc:
+            await stream.aclose()
+            return streams_exhausted(exc)
+    try:
+        first = await anext(stream)
+    except FeedUnavailable as exc:
+        await stream.aclose()
+        release()
+        return error_response(503, "events_unavailable", str(exc))
     except BaseException:
         release()
         raise

@@ -32,7 +32,7 @@ from pipeline.api.deps import (
 )
 from pipeline.api.errors import ERROR_RESPONSES, ErrorBody
 from pipeline.auth import Principal
-from pipeline.errors import NotFound
+from pipeline.errors import NotFound, StorageAuthError
 from pipeline.policies import FULL_VIEW
 
 CACHE_CONTROL = "private, max-age=300"
@@ -250,12 +250,16 @@ def healthz(state: State) -> Response:
     try:
         state.runtime.store.ping()
         checks["store"] = "ok"
+    except StorageAuthError as exc:
+        log.error("health check: blob store rejects our credentials: %s", exc)
+        checks["store"] = f"credentials rejected ({type(exc).__name__})"
     except Exception as exc:
         log.error("health check: blob store unreachable: %s", exc)
         checks["store"] = f"unreachable ({type(exc).__name__})"
     failing = [name for name, result in checks.items() if result != "ok"]
     if failing:
-        message = "unhealthy: " + ", ".join(failing) + " unreachable"
+        labels = {"database": "database", "store": "store (blob storage)"}
+        message = "unhealthy: " + "; ".join(f"{labels[name]} {checks[name]}" for name in failing)
         payload = {
             "error": {"code": "unavailable", "message": message},
             "status": "unavailable",

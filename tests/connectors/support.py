@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record
+from connectors.graphql import GraphQLConnector
 from connectors.net import NetworkPolicy
+from connectors.oauth2 import TokenStore
 from connectors.rest import RestConnector
 
 SECRET = "sk_test_51Hsecret-value-never-logged"
@@ -38,6 +40,8 @@ def drain(
     limiter: RateLimiter | None = None,
     environ: Mapping[str, str] | None = None,
     max_chunks: int = 1_000,
+    kind: type[RestConnector] | type[GraphQLConnector] = RestConnector,
+    tokens: TokenStore | None = None,
 ) -> list[Chunk]:
     """Fetch a whole partition, one chunk per connector built from ``config``.
 
@@ -47,7 +51,7 @@ def drain(
     chunks: list[Chunk] = []
     state: dict[str, Any] | None = None
     for _ in range(max_chunks):
-        connector = RestConnector(config, limiter=limiter, context=loopback_context(environ))
+        connector = kind(config, limiter=limiter, context=loopback_context(environ), tokens=tokens)
         try:
             chunk = connector.fetch(
                 FetchRequest(

@@ -302,3 +302,20 @@ def test_incremental_sync_asks_only_for_changes_and_merges_to_the_full_result(cl
     assert len(close_api.requests) == 1
     merged = dedupe([*first, *changes], "id")
     assert merged == dedupe(records_of(drain(config, "leads")), "id")
+
+
+def test_backoff_retries_stop_before_the_deadline(stripe_api: StripeApi) -> None:
+    stripe_api.fail_next("server_error", 1_000)
+    config = stripe_config(stripe_api, retry={"max_attempts": 20, "backoff_s": 0.3, "max_backoff_s": 0.3})
+    connector = loopback_connector(config)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            connector.fetch(FetchRequest(company_id=1, external_id=None, resource="customers", partition="all",
+                                         deadline=started + 1.0))
+    finally:
+        connector.close()
+    last_request = stripe_api.requests[-1].at
+    assert last_request <= started + 1.0, "no retry was sent after the deadline"
+    assert caught.value.retryable and "would exceed the time budget" in str(caught.value)
+    assert 2 <= len(stripe_api.requests) < 20

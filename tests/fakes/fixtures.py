@@ -9,7 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fakes.graphql_api import GraphQLApi
+from tests.fakes.oauth2 import OAuth2Provider
 from tests.fakes.upstreams import CloseApi, LinkApi, ScheduleApi, StripeApi
+from tests.fakes.videos import VideoApi
 
 
 @pytest.fixture
@@ -37,4 +40,25 @@ def close_api() -> Iterator[CloseApi]:
 def link_api() -> Iterator[LinkApi]:
     """The Link-header items API: 25 items."""
     with LinkApi(25) as api:
+        yield api
+
+
+@pytest.fixture
+def graphql_api() -> Iterator[GraphQLApi]:
+    """The GraphQL jobs/items API: 25 jobs per day, 25 items."""
+    with GraphQLApi(25) as api:
+        yield api
+
+
+@pytest.fixture
+def oauth_provider() -> Iterator[OAuth2Provider]:
+    """An OAuth2 token endpoint rotating refresh tokens; access tokens serve 25 requests."""
+    with OAuth2Provider() as provider:
+        yield provider
+
+
+@pytest.fixture
+def video_api() -> Iterator[VideoApi]:
+    """The YouTube-style search-then-details API: 25 videos."""
+    with VideoApi(25) as api:
         yield api

@@ -16,7 +16,8 @@ from datetime import date
 from typing import Any
 
 from connectors import registry
-from connectors.base import Chunk, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
+from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
+from connectors.oauth2 import TokenStore
 from errors import ConfigError
 
 NAME = "scripted"
@@ -56,7 +57,8 @@ class ScriptedConnector:
     name = NAME
 
     def __init__(self, config: Mapping[str, Any], *, limiter: RateLimiter | None = None,
-                 on_response: ResponseHook | None = None) -> None:
+                 on_response: ResponseHook | None = None, tokens: TokenStore | None = None,
+                 context: ConnectorContext | None = None) -> None:
         script = _SCRIPTS.get(str(config.get("script")))
         if script is None:
             raise ConfigError(f"scripted config: unknown script {config.get('script')!r}")

@@ -23,18 +23,23 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from connectors.base import FetchRequest, Record
 from connectors.synthetic import SyntheticConnector
 
-FaultKind = Literal["rate_limit", "server_error", "unauthorized", "not_success", "malformed"]
+if TYPE_CHECKING:
+    from tests.fakes.oauth2 import OAuth2Provider
+
+FaultKind = Literal[
+    "rate_limit", "server_error", "unauthorized", "not_success", "malformed", "graphql_errors", "throttled"
+]
 MalformedVariant = Literal["missing", "not_list", "not_json"]
 
 BASE_UPDATED_AT = datetime(2024, 1, 1, tzinfo=UTC)
@@ -54,6 +59,11 @@ class ServedRequest:
     headers: dict[str, str]
     at: float
     status: int
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The request body, decoded as JSON."""
+        return json.loads(self.body)
 
 
 @dataclass(slots=True)
@@ -121,6 +131,7 @@ class FakeUpstream:
         self._changes: dict[Any, dict[str, Any]] = {}
         self._touches = 0
         self._required_header: tuple[str, str] | None = None
+        self._authorizer: Callable[[dict[str, str]], bool] | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -197,6 +208,12 @@ class FakeUpstream:
         """Answer 401 to requests without header ``name: value`` (e.g. a bearer token)."""
         with self._lock:
             self._required_header = (name, value)
+
+    def require_oauth(self, provider: OAuth2Provider) -> None:
+        """Answer 401 (``invalid_token``) unless the bearer token is one ``provider`` issued and
+        still accepts; each request served counts as one use of the token."""
+        with self._lock:
+            self._authorizer = provider.authorize
 
     def touch(self, keys: Iterable[Any], **changes: Any) -> str:
         """Change the records with these primary keys and bump their ``updated_at``; return it."""
@@ -284,6 +301,9 @@ class FakeUpstream:
     def _authorized(self, headers: dict[str, str]) -> bool:
         with self._lock:
             required = self._required_header
+            authorizer = self._authorizer
+        if authorizer is not None and not authorizer(headers):
+            return False
         if required is None:
             return True
         sent = {name.lower(): value for name, value in headers.items()}
@@ -295,21 +315,21 @@ class FakeUpstream:
         params = dict(parse_qsl(url.query, keep_blank_values=True))
         headers = dict(handler.headers.items())
         length = int(handler.headers.get("Content-Length") or 0)
-        if length:
-            handler.rfile.read(length)
-        if handler.command != "GET":
+        body = handler.rfile.read(length) if length else b""
+        if handler.command not in self.methods:
             reply = Reply(405, self._error_body(405, "Method not allowed"))
         elif not self._authorized(headers):
-            reply = Reply(401, self._error_body(401, "Authorization has been denied for this request."))
+            reply = Reply(401, self._error_body(401, "Authorization has been denied for this request."),
+                          {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         elif (fault := self._next_fault()) is not None:
             reply = self._fault_reply(fault)
         else:
             try:
-                reply = self.route(url.path, params)
+                reply = self.handle(handler.command, url.path, params, body, headers)
             except BadRequest as exc:
                 reply = Reply(400, self._error_body(400, str(exc)))
         with self._lock:
-            self._log.append(ServedRequest(handler.command, url.path, params, headers, arrived, reply.status))
+            self._log.append(ServedRequest(handler.command, url.path, params, headers, arrived, reply.status, body))
         payload = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
         handler.send_response(reply.status)
         handler.send_header("Content-Type", reply.content_type)
@@ -320,6 +340,12 @@ class FakeUpstream:
         handler.wfile.write(payload)
 
     # -- per API ---------------------------------------------------------------------------
+
+    methods: ClassVar[frozenset[str]] = frozenset({"GET"})
+
+    def handle(self, method: str, path: str, params: dict[str, str], body: bytes, headers: dict[str, str]) -> Reply:
+        """Answer one authorized request; the default serves ``route`` (GET APIs)."""
+        return self.route(path, params)
 
     def route(self, path: str, params: dict[str, str]) -> Reply:
         raise NotImplementedError

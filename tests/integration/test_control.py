@@ -198,7 +198,9 @@ def test_retry_completes_the_previously_failed_tasks(
         wait_job(stack, job_id)
         failed = client.get(f"/sync/jobs/{job_id}").json()
         assert failed["status"] == "failed" and failed["progress"]["failed_tasks"] == 3
-        assert all("injected failure" in task["error"] for task in failed["tasks"])
+        assert all("injected failure" in task["error"]["message"] for task in failed["tasks"])
+        assert {task["error"]["code"] for task in failed["tasks"]} == {"upstream_unavailable"}
+        assert failed["error"] == {"code": "tasks_failed", "message": "3 of 3 tasks failed"}
         assert client.post(f"/sync/jobs/{job_id}/cancel").status_code == 409
 
         fixed = client.patch(f"/companies/{company}", json={"config": {"days_ahead": 2, "jobs_per_day": 4}})

@@ -139,7 +139,7 @@ def test_a_task_whose_worker_dies_on_every_attempt_fails_after_max_attempts_with
     company = add_scripted(rt, Script(pages=fixed([records(0, 5)])))
     job_id, task_id = plan(rt, company)
     for _ in range(rt.settings.max_attempts):  # a worker claims, then is OOM-killed: nothing recorded
-        assert claim_task(rt.engine, task_id, lease_s=0.2, max_attempts=rt.settings.max_attempts) is not None
+        assert claim_task(rt.engine, task_id, lease_s=0.2) is not None
         wait_for(lambda: lease_expired(rt, task_id), timeout=30, what="the lease to expire")
     assert run_task(rt, task_id) is Outcome.SKIPPED
     task = task_row(rt, task_id)
@@ -212,7 +212,7 @@ def test_a_final_assembly_longer_than_the_lease_renews_it_and_no_other_claim_get
 
     def rival() -> None:  # the sweeper's re-sent message, delivered again and again
         while not stop.is_set():
-            claim = claim_task(stack.engine, task_id, lease_s=1.0, max_attempts=10)
+            claim = claim_task(stack.engine, task_id, lease_s=1.0)
             if claim is not None:
                 stolen.append(claim)
             stop.wait(0.05)

@@ -3,6 +3,7 @@ committed before its messages could be sent is answered normally (the sweeper se
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ class RecordingBroker:
 
     def __init__(self, *, backlog: int = 0, refuse: bool = False) -> None:
         self.sent: list[int] = []
+        self.coordinated: list[uuid.UUID] = []
         self._backlog = backlog
         self.refuse = refuse
 
@@ -29,6 +31,11 @@ class RecordingBroker:
         if self.refuse:
             raise pika.exceptions.AMQPConnectionError("connection refused")
         self.sent.extend(task_ids)
+
+    def coordinate(self, job_id: uuid.UUID, *, priority: str = "normal") -> None:
+        if self.refuse:
+            raise pika.exceptions.AMQPConnectionError("connection refused")
+        self.coordinated.append(job_id)
 
     def backlog(self) -> int | None:
         return self._backlog
@@ -63,13 +70,14 @@ def test_a_pending_task_is_not_resent_under_a_backlog_while_nothing_later_has_st
 def test_a_sync_whose_messages_cannot_be_sent_is_still_accepted_and_logged_for_the_sweeper(stack: Runtime) -> None:
     company = add_scripted(stack, Script(pages=fixed([records(0, 3)])))
     broker = RecordingBroker(refuse=True)
-    planned = submit_job(stack.engine, broker, trigger="api", max_unfinished=3, company_ids=[company])
-    assert planned.total_tasks == 1
+    submitted = submit_job(stack.engine, broker, trigger="api", max_unfinished=3, company_ids=[company])
     with stack.engine.connect() as conn:
-        messages = list(conn.execute(select(JOB_LOG.c.message).where(JOB_LOG.c.job_id == planned.job_id)).scalars())
-    assert any("the sweeper will send them" in m for m in messages)
+        messages = list(conn.execute(select(JOB_LOG.c.message).where(JOB_LOG.c.job_id == submitted.job_id)).scalars())
+        status = conn.execute(select(JOBS.c.status).where(JOBS.c.id == submitted.job_id)).scalar_one()
+    assert status == "pending" and any("the sweeper will send it" in m for m in messages)
     broker.refuse = False
     with stack.engine.begin() as conn:
-        conn.execute(update(TASKS).values(updated_at=utcnow() - timedelta(hours=1)))
-    assert sweep(stack.engine, broker, pending_grace_s=300).lost_messages == 1
-    assert broker.sent == planned.task_ids
+        conn.execute(update(JOBS).where(JOBS.c.id == submitted.job_id)
+                     .values(created_at=utcnow() - timedelta(minutes=10)))
+    report = sweep(stack.engine, broker, pending_grace_s=300)
+    assert report.unplanned_jobs == 1 and broker.coordinated == [submitted.job_id]

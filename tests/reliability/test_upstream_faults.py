@@ -11,14 +11,15 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.models import TASKS, utcnow
-from tests.fakes.upstreams import ScheduleApi
+from tests.fakes.graphql_api import GraphQLApi
+from tests.fakes.upstreams import FakeUpstream, ScheduleApi
 from tests.reliability.harness import SIZES, TINY, Harness, Size, rest_schedule_config
 
 
 class Bursts:
     """Queues a burst of 429s (with Retry-After) and 500s on the fake every ``every`` requests."""
 
-    def __init__(self, api: ScheduleApi, *, every: int, rate_limited: int, errors: int, bursts: int) -> None:
+    def __init__(self, api: FakeUpstream, *, every: int, rate_limited: int, errors: int, bursts: int) -> None:
         self.api = api
         self.every = every
         self.rate_limited = rate_limited
@@ -58,6 +59,43 @@ def test_bursts_of_429_and_500_from_the_upstream_end_with_every_task_completed(
         with Bursts(api, every=50, rate_limited=5, errors=4, bursts=bursts) as injected:
             job = h.plan()
             [report] = h.finish(job.job_id)
+
+    assert injected.sent == bursts
+    statuses = Counter(request.status for request in api.requests)
+    assert statuses[429] >= 5 * bursts and statuses[500] >= 4 * bursts, statuses
+    assert report.states == {"completed": job.total_tasks}
+
+
+def graphql_schedule_config(api: GraphQLApi, *, days_ahead: int) -> dict[str, Any]:
+    """The GraphQL fake's jobs as a ``graphql`` resource ``jobs``: two pages per partition."""
+    query = ("query($first: Int!, $after: String, $day: String!) { jobs(first: $first, after: $after, day: $day)"
+             " { nodes { id title updatedAt } pageInfo { hasNextPage endCursor } } }")
+    return {
+        "endpoint": f"{api.base_url}/graphql", "pages_per_chunk": 1,
+        "retry": {"max_attempts": 6, "backoff_s": 0.05, "max_backoff_s": 0.5},
+        "resources": {"jobs": {
+            "query": query, "variables": {"day": "{partition}"}, "records": "data.jobs.nodes",
+            "partitions": {"type": "daily", "days_ahead": days_ahead}, "primary_key": "id",
+            "paginator": {"type": "relay", "page_info": "data.jobs.pageInfo", "first": 2},
+        }},
+    }
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_bursts_of_429_500_and_throttled_errors_end_with_every_graphql_task_completed(
+    make_harness: Any, size: Size
+) -> None:
+    with GraphQLApi(3) as api:
+        h: Harness = make_harness(size)
+        h.add_companies(size.companies, graphql_schedule_config(api, days_ahead=size.days_ahead),
+                        connector="graphql")
+        h.start_workers()
+        h.start_sweeper()
+        bursts = size.tasks // 100
+        with Bursts(api, every=50, rate_limited=5, errors=4, bursts=bursts) as injected:
+            api.fail_next("throttled", 2)  # 200s with a THROTTLED error: retried like 429s
+            job = h.plan()
+            [report] = h.finish(job.job_id, expected_records=lambda task: api.count)
 
     assert injected.sent == bursts
     statuses = Counter(request.status for request in api.requests)

@@ -94,6 +94,23 @@ def tenants(success: int) -> dict[str, int]:
     return {credential: (success if credential[:2] in {"A-", "B-"} else 401) for credential in CREDENTIALS}
 
 
+def sync_roles(success: int) -> dict[str, int]:
+    """A company's admins and managers succeed, its technicians get 403, everyone else 401."""
+    statuses = {}
+    for credential in CREDENTIALS:
+        tenant = credential[:2] in {"A-", "B-"}
+        statuses[credential] = (success if credential[2:] in {"admin", "manager"} else 403) if tenant else 401
+    return statuses
+
+
+def tenant_job_url(suffix: str = "") -> Callable[[World, str, Target], Request]:
+    return lambda world, credential, target: (
+        "GET",
+        f"/v1/jobs/{MISSING_JOB if target == 'missing' else world.owner(credential, target).finished_job}{suffix}",
+        {},
+    )
+
+
 def partition_url(world: World, credential: str, target: Target) -> Request:
     if target == "missing":
         return "GET", "/v1/schedule/2099-12-31", {}
@@ -124,6 +141,12 @@ def no_object(method: str, path: str, **kwargs: Any) -> Callable[[World, str, Ta
 MATRIX: dict[tuple[str, str], Entry] = {
     ("GET", "/v1/{resource}"): Entry(no_object("GET", "/v1/schedule"), tenants(200), scoped=True, targets=("own",)),
     ("GET", "/v1/{resource}/{partition}"): Entry(partition_url, tenants(200), scoped=True),
+    ("POST", "/v1/sync"): Entry(
+        no_object("POST", "/v1/sync", json={"resources": ["users"]}), sync_roles(202), scoped=True, targets=("own",)
+    ),
+    ("GET", "/v1/jobs"): Entry(no_object("GET", "/v1/jobs"), sync_roles(200), scoped=True, targets=("own",)),
+    ("GET", "/v1/jobs/{job_id}"): Entry(tenant_job_url(), sync_roles(200), scoped=True),
+    ("GET", "/v1/jobs/{job_id}/events"): Entry(tenant_job_url("/events"), sync_roles(200), scoped=True),
     ("GET", "/healthz"): Entry(no_object("GET", "/healthz"), dict.fromkeys(CREDENTIALS, 200), targets=("own",)),
     ("POST", "/sync"): Entry(
         lambda world, credential, target: (

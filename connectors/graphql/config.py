@@ -1,0 +1,188 @@
+"""The ``graphql`` connector's config: pydantic models for the JSON a company stores.
+
+::
+
+    {"endpoint": "https://api.example.com/graphql", "auth": {…}, "rate_limit": {…},
+     "resources": {"jobs": {
+        "query": "query($first: Int!, $after: String, $day: String!) { jobs(first: $first, after: $after, day: $day)
+                  { nodes { id … } pageInfo { hasNextPage endCursor } } }",
+        "variables": {"day": "{partition}"},
+        "partitions": {"type": "daily", "days_ahead": 7},
+        "records": "data.jobs.nodes",
+        "paginator": {"type": "relay", "page_info": "data.jobs.pageInfo", "first": 100},
+        "primary_key": "id", "incremental": {"variable": "updatedSince", "field": "updatedAt"},
+        "transform": "identity"}}}
+
+``auth``, ``rate_limit``, ``retry``, ``timeout_s``, ``pages_per_chunk`` and ``partitions`` mean
+what they mean for ``rest`` (``connectors.rest.config``). The query is parsed when the config is
+validated (graphql-core): it must be one ``query`` operation that declares every variable the
+config sets — the paginator's, the incremental one, and each of ``variables`` (whose string
+values may use ``{partition}`` and ``{external_id}``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import graphql
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from connectors.rest.config import (
+    AuthConfig,
+    DottedPath,
+    NoAuth,
+    NonePartitions,
+    PartitionsConfig,
+    RateLimitConfig,
+    ResourceName,
+    RetryConfig,
+    _check_template,
+    validation_problems,
+)
+from connectors.transforms import TRANSFORMS
+from errors import ConfigError
+
+VariableName = Annotated[str, StringConstraints(pattern=r"^[_A-Za-z][_0-9A-Za-z]*$", max_length=200)]
+VariableValue = str | int | float | bool | None
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NonePaginatorConfig(_Model):
+    """One request returns every record."""
+
+    type: Literal["none"]
+
+
+class RelayPaginatorConfig(_Model):
+    """Relay cursor connections: ``first``/``after`` variables, ``pageInfo { hasNextPage endCursor }``."""
+
+    type: Literal["relay"]
+    page_info: DottedPath
+    first: int = Field(default=100, ge=1, le=100_000)
+    first_variable: VariableName = "first"
+    after_variable: VariableName = "after"
+
+
+class OffsetPaginatorConfig(_Model):
+    """Offset and limit variables; the stream ends on a page shorter than ``limit``
+    (or when the boolean at ``has_more`` is false)."""
+
+    type: Literal["offset"]
+    offset_variable: VariableName = "offset"
+    limit_variable: VariableName = "limit"
+    limit: int = Field(default=100, ge=1, le=100_000)
+    has_more: DottedPath | None = None
+
+
+PaginatorConfig = Annotated[
+    NonePaginatorConfig | RelayPaginatorConfig | OffsetPaginatorConfig, Field(discriminator="type")
+]
+
+
+class IncrementalConfig(_Model):
+    """Send the bookmark as ``variable``; the bookmark is the largest value of record key ``field`` seen."""
+
+    variable: VariableName
+    field: str = Field(min_length=1, max_length=200)
+
+
+def _declared_variables(query: str) -> set[str]:
+    try:
+        document = graphql.parse(query, no_location=True)
+    except graphql.GraphQLError as exc:
+        raise ValueError(f"not a valid GraphQL document: {exc.message}") from None
+    operations = [d for d in document.definitions if isinstance(d, graphql.OperationDefinitionNode)]
+    if len(operations) != 1:
+        raise ValueError(f"must hold exactly one operation, found {len(operations)}")
+    if operations[0].operation != graphql.OperationType.QUERY:
+        raise ValueError(f"must be a query, not a {operations[0].operation.value}")
+    return {definition.variable.name.value for definition in operations[0].variable_definitions or ()}
+
+
+class ResourceConfig(_Model):
+    """One resource: its query, variables, paging, and how to read and key its records."""
+
+    query: str = Field(min_length=1, max_length=50_000)
+    variables: dict[VariableName, VariableValue] = Field(default_factory=dict)
+    partitions: PartitionsConfig = NonePartitions(type="none")
+    records: DottedPath
+    primary_key: str = Field(min_length=1, max_length=200)
+    paginator: PaginatorConfig = NonePaginatorConfig(type="none")
+    incremental: IncrementalConfig | None = None
+    transform: str = "identity"
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        _declared_variables(value)
+        return value
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, item in value.items():
+            if isinstance(item, str):
+                try:
+                    _check_template(item)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    @field_validator("transform")
+    @classmethod
+    def _transform(cls, value: str) -> str:
+        if value not in TRANSFORMS:
+            raise ValueError(f"unknown transform {value!r}; known: {', '.join(sorted(TRANSFORMS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _query_declares_what_is_set(self) -> ResourceConfig:
+        declared = _declared_variables(self.query)
+        needed = dict.fromkeys(self.variables, "variables")
+        if isinstance(self.paginator, RelayPaginatorConfig):
+            needed |= {self.paginator.first_variable: "paginator", self.paginator.after_variable: "paginator"}
+        elif isinstance(self.paginator, OffsetPaginatorConfig):
+            needed |= {self.paginator.offset_variable: "paginator", self.paginator.limit_variable: "paginator"}
+        if self.incremental is not None:
+            needed[self.incremental.variable] = "incremental"
+        missing = sorted(f"${name} ({where})" for name, where in needed.items() if name not in declared)
+        if missing:
+            raise ValueError(f"query: does not declare {', '.join(missing)}")
+        return self
+
+
+class GraphQLConfig(_Model):
+    """A company's ``graphql`` connector config (see the module docstring)."""
+
+    endpoint: str = Field(max_length=2_000)
+    auth: AuthConfig = NoAuth(type="none")
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    rate_limit: RateLimitConfig | None = None
+    retry: RetryConfig = RetryConfig()
+    pages_per_chunk: int = Field(default=10, ge=1, le=10_000)
+    resources: dict[ResourceName, ResourceConfig] = Field(min_length=1)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^#\s]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL without fragment")
+        return value
+
+
+def parse_config(config: Any) -> GraphQLConfig:
+    """Validate a company's ``graphql`` config.
+
+    Raises:
+        ConfigError: naming the key path of every problem, e.g.
+            ``graphql config: resources.jobs.query: does not declare $after (paginator)``.
+    """
+    try:
+        return GraphQLConfig.model_validate(config)
+    except ValidationError as exc:
+        # Not chained: pydantic's message echoes input values, which may be secrets.
+        raise ConfigError("graphql config: " + "; ".join(validation_problems(exc))) from None

@@ -1,0 +1,400 @@
+"""A model-based test of the task protocol on real PostgreSQL and the real blob store.
+
+Hypothesis drives workers through the protocol's own steps — claim, fetch and stage a chunk,
+the fenced save, hand-off, publish, a failed attempt, a crash — interleaved with the lease
+expiring (the database clock passing ``lease_until``), the sweeper, cancel, retry, GC, a
+second overlapping job and the upstream changing its data. After every step the invariants
+hold; when the rules stop, the system is driven to the end and every task must be terminal.
+
+The upstream serves pages ``0..N-1``; page ``p`` at upstream version ``v`` has ``size(p, v)``
+records, each tagged with ``p`` and ``v``. The model remembers which version of each page a
+task's lineage *committed* (a successful fenced save); a published document must be exactly
+those pages — a zombie's late write, a stale lineage or a lost part would show as a
+difference. Examples and steps: the ``ci`` profile (bounded) by default, ``--hypothesis-profile
+long`` for long runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import select, text
+
+from connectors.base import Record, ResourceSpec
+from errors import LeaseLost, PipelineError, TaskCancelled, VersionChanged
+from pipeline.attempt import Attempt
+from pipeline.cleanup import collect_garbage
+from pipeline.control import InvalidJobState, cancel_job, retry_job
+from pipeline.execution import Outcome, RetryTask, _failed, finish, run_task
+from pipeline.jobs import claim_task
+from pipeline.models import DATASETS, JOBS, TASKS, Base
+from pipeline.planning import plan_job
+from pipeline.runtime import Runtime
+from pipeline.sweeper import sweep
+from tests.fakes import scripted
+from tests.fakes.scripted import Script, install
+from tests.invariants import check_job_counters
+
+scripted.register()
+WORKERS = 3
+MAX_ATTEMPTS = 3
+STATS: dict[str, int] = {"examples": 0, "steps": 0, "claims": 0, "saves": 0, "publishes": 0, "refused_writes": 0}
+
+
+def size(page: int, version: int) -> int:
+    return 3 + (page * 7 + version * 5) % 6
+
+
+def page_records(page: int, version: int) -> list[Record]:
+    return [{"id": page * 100 + i, "p": page, "v": version} for i in range(size(page, version))]
+
+
+class Broker:
+    """Records what the sweeper and retry send (RabbitMQ only wakes workers)."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def enqueue(self, task_ids: Sequence[int], *, priority: str = "normal") -> None:
+        self.sent.extend(task_ids)
+
+    def backlog(self) -> int | None:
+        return 0
+
+
+@dataclass
+class Held:
+    """What one worker holds: its claim's attempt, its view of the lineage, a staged part."""
+
+    attempt: Attempt
+    state: dict[str, Any]
+    chunks: int
+    staged: tuple[str, int] | None = None  # (key, version) staged but not yet saved
+    versions: list[int] = field(default_factory=list)
+
+
+def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
+    class ProtocolModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            STATS["examples"] += 1
+            tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+            with rt.engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            for info in list(rt.store.list()):
+                rt.store.delete(info.key)
+            self.version = 0
+            self.pages = 1
+            self.held: dict[int, Held] = {}
+            self.committed: dict[int, list[int]] = {}  # task -> versions of the pages its lineage saved
+            self.published: list[int] | None = None  # page versions of the current document
+            self.jobs: list[uuid.UUID] = []
+            self.tasks: list[int] = []
+            self.broker = Broker()
+
+        # --- setup ---------------------------------------------------------------------------
+
+        @initialize(pages=st.integers(1, 4))
+        def setup(self, pages: int) -> None:
+            self.pages = pages
+            # What the upstream serves differs per attempt, so any part written by the wrong claim shows.
+            script = Script(pages=lambda request: [page_records(p, self._variant(request.attempt))
+                                                   for p in range(self.pages)])
+            from pipeline.companies import add_company
+
+            self.company = add_company(rt.engine, name="model", connector=scripted.NAME, config=install(script)).id
+            self.spec = ResourceSpec(name=scripted.RESOURCE, primary_key="id", transform="identity")
+            self._plan()
+
+        def _plan(self) -> None:
+            planned = plan_job(rt.engine, None, trigger="api", company_ids=[self.company])
+            assert planned is not None
+            self.jobs.append(planned.job_id)
+            self.tasks.extend(planned.task_ids)
+            for task in planned.task_ids:
+                self.committed[task] = []
+
+        def _variant(self, attempt: int) -> int:
+            return self.version * 100 + attempt
+
+        def _row(self, task: int) -> Any:
+            with rt.engine.connect() as conn:
+                return conn.execute(select(TASKS).where(TASKS.c.id == task)).one()
+
+        def _drop(self, worker: int) -> None:
+            self.held.pop(worker, None)
+
+        def _refused(self, worker: int) -> None:
+            STATS["refused_writes"] += 1
+            self._drop(worker)
+
+        # --- rules ---------------------------------------------------------------------------
+        # The first rule is what Hypothesis shrinks towards: a worker making progress.
+
+        @rule(worker=st.integers(0, WORKERS - 1), which=st.integers(0, 1), burst=st.integers(1, 6))
+        def worker_progresses(self, worker: int, which: int, burst: int) -> None:
+            """A worker's next ``burst`` steps of the happy path: claim, chunk boundaries, publish."""
+            for _ in range(burst):
+                held = self.held.get(worker)
+                if held is None:
+                    self.claim(worker, which)
+                    if worker not in self.held:
+                        return
+                elif held.staged is not None:
+                    self._save(worker)
+                elif not held.state.get("done") and not (self.pages == 1 and held.chunks == 0 and which):
+                    self._fetch_chunk(worker)
+                else:
+                    self._publish(worker)
+                    return
+
+        @rule(worker=st.integers(0, WORKERS - 1), which=st.integers(0, 1))
+        def claim(self, worker: int, which: int) -> None:
+            """A message is delivered to a worker (maybe a duplicate; maybe a task leased by another)."""
+            STATS["steps"] += 1
+            task = self.tasks[min(which, len(self.tasks) - 1)]
+            claim = claim_task(rt.engine, task, lease_s=600, max_attempts=MAX_ATTEMPTS)
+            if claim is None:
+                return
+            STATS["claims"] += 1
+            state = dict(claim.fetch_state or {})
+            if "base" not in state and claim.chunks == 0:
+                state["base"] = claim.base_checksum
+            if claim.chunks == 0:
+                self.committed[task] = []
+            self.held[worker] = Held(Attempt.start(rt, claim), state, claim.chunks,
+                                     versions=list(self.committed[task][:claim.chunks]))
+
+        @precondition(lambda self: any(h.staged is None and not h.state.get("done") for h in self.held.values()))
+        @rule(data=st.data())
+        def stage(self, data: st.DataObject) -> None:
+            STATS["steps"] += 1
+            worker = data.draw(st.sampled_from(sorted(
+                w for w, h in self.held.items() if h.staged is None and not h.state.get("done"))))
+            held = self.held[worker]
+            variant = self._variant(held.attempt.claim.attempts)
+            key = held.attempt.stage(held.chunks, page_records(held.chunks, variant))
+            held.staged = (key, variant)
+
+        @precondition(lambda self: any(h.staged is None and not h.state.get("done") for h in self.held.values()))
+        @rule(data=st.data())
+        def fetch_chunk(self, data: st.DataObject) -> None:
+            """Stage the next chunk and save it: one chunk boundary."""
+            self._fetch_chunk(data.draw(st.sampled_from(sorted(
+                w for w, h in self.held.items() if h.staged is None and not h.state.get("done")))))
+
+        def _fetch_chunk(self, worker: int) -> None:
+            held = self.held[worker]
+            variant = self._variant(held.attempt.claim.attempts)
+            held.staged = (held.attempt.stage(held.chunks, page_records(held.chunks, variant)), variant)
+            self._save(worker)
+
+        @precondition(lambda self: any(h.staged is not None for h in self.held.values()))
+        @rule(data=st.data())
+        def save(self, data: st.DataObject) -> None:
+            """A worker that staged a chunk earlier (and maybe stalled since) saves it."""
+            self._save(data.draw(st.sampled_from(sorted(w for w, h in self.held.items() if h.staged is not None))))
+
+        def _save(self, worker: int) -> None:
+            STATS["steps"] += 1
+            held = self.held[worker]
+            assert held.staged is not None
+            key, version = held.staged
+            parts = [*held.state.get("parts", []), key]
+            chunks = held.chunks + 1
+            state = {**held.state, "parts": parts, "cursor": {"page": chunks}, "done": chunks >= self.pages}
+            try:
+                held.attempt.save(state, chunks)
+            except (LeaseLost, TaskCancelled):
+                self._refused(worker)
+                return
+            STATS["saves"] += 1
+            held.state, held.chunks, held.staged = state, chunks, None
+            held.versions.append(version)
+            self.committed[held.attempt.claim.task_id] = list(held.versions)
+
+        @precondition(lambda self: any(h.staged is None and not h.state.get("done") and h.chunks
+                                       for h in self.held.values()))
+        @rule(data=st.data())
+        def hand_off(self, data: st.DataObject) -> None:
+            STATS["steps"] += 1
+            worker = data.draw(st.sampled_from(sorted(
+                w for w, h in self.held.items() if h.staged is None and not h.state.get("done") and h.chunks)))
+            try:
+                self.held[worker].attempt.hand_off("continuation (model)")
+            except (LeaseLost, TaskCancelled):
+                STATS["refused_writes"] += 1
+            self._drop(worker)
+
+        @precondition(lambda self: any(h.state.get("done") or (self.pages == 1 and h.chunks == 0)
+                                       for h in self.held.values()))
+        @rule(data=st.data())
+        def publish(self, data: st.DataObject) -> None:
+            STATS["steps"] += 1
+            self._publish(data.draw(st.sampled_from(sorted(
+                w for w, h in self.held.items() if h.state.get("done") or (self.pages == 1 and h.chunks == 0)))))
+
+        def _publish(self, worker: int) -> None:
+            held = self.held[worker]
+            single = None
+            versions = list(held.versions)
+            if held.chunks == 0:  # one page: nothing staged
+                variant = self._variant(held.attempt.claim.attempts)
+                single, versions = page_records(0, variant), [variant]
+            try:
+                finish(held.attempt, self.spec, held.state, held.chunks, single=single)
+            except (LeaseLost, TaskCancelled):
+                self._refused(worker)
+                return
+            except PipelineError as exc:
+                # As run_task does: classified and recorded under the fence (a zombie whose parts
+                # were cleaned up gets LeaseLost there; a stale lineage starts over).
+                try:
+                    _failed(held.attempt, exc, 0.0)
+                except RetryTask:
+                    pass
+                if isinstance(exc, VersionChanged):
+                    self.committed[held.attempt.claim.task_id] = []
+                self._refused(worker)
+                return
+            STATS["publishes"] += 1
+            self.published = versions
+            self._drop(worker)
+
+        @precondition(lambda self: bool(self.held))
+        @rule(data=st.data(), how=st.sampled_from(["retryable", "permanent", "killed"]))
+        def worker_fails(self, data: st.DataObject, how: str) -> None:
+            """The attempt fails (recorded), or the worker is killed (OOM, kill -9: nothing more
+            is ever written by it)."""
+            STATS["steps"] += 1
+            worker = data.draw(st.sampled_from(sorted(self.held)))
+            held = self.held[worker]
+            if how != "killed":
+                final = how == "permanent" or held.attempt.claim.attempts >= MAX_ATTEMPTS
+                try:
+                    held.attempt.fail("injected upstream error", final=final)
+                except (LeaseLost, TaskCancelled):
+                    STATS["refused_writes"] += 1
+            self._drop(worker)
+
+        @rule(sweeper=st.booleans())
+        def leases_expire(self, sweeper: bool) -> None:
+            """The database clock passes every lease (a stalled worker may still resume later),
+            and maybe the sweeper runs."""
+            STATS["steps"] += 1
+            with rt.engine.begin() as conn:
+                conn.execute(text("UPDATE sync_tasks SET lease_until = clock_timestamp() - interval '1 second' "
+                                  "WHERE status = 'processing'"))
+            if sweeper:
+                sweep(rt.engine, self.broker, pending_grace_s=0.001)
+
+        @rule(action=st.sampled_from(["cancel", "retry", "gc"]))
+        def operator(self, action: str) -> None:
+            STATS["steps"] += 1
+            if action == "gc":
+                collect_garbage(rt.engine, rt.store, grace_s=0)
+                return
+            try:
+                if action == "cancel":
+                    cancel_job(rt.engine, job_id=self.jobs[-1], requested_by="model")
+                    return
+                retry_job(rt.engine, self.broker, job_id=self.jobs[-1], requested_by="model")
+            except InvalidJobState:
+                return
+            for task in self.tasks:
+                if self._row(task).fetch_state is None:
+                    self.committed[task] = []
+
+        @rule(overlapping_job=st.booleans())
+        def world_changes(self, overlapping_job: bool) -> None:
+            """The upstream changes its data, or a person syncs the same partition while the
+            first job is still open (a second open task)."""
+            STATS["steps"] += 1
+            if overlapping_job and len(self.tasks) < 2:
+                self._plan()
+            else:
+                self.version += 1
+
+        # --- invariants ----------------------------------------------------------------------
+
+        @invariant()
+        def the_current_document_is_complete_and_intact(self) -> None:
+            with rt.engine.connect() as conn:
+                rows = conn.execute(select(DATASETS)).all()
+            if not rows:
+                return
+            (row,) = rows
+            data = rt.store.get(row.storage_key)
+            assert hashlib.sha256(data).hexdigest() == row.checksum_sha256
+            document = orjson.loads(data)
+            got = [(r["p"], r["v"], r["id"]) for r in document["records"]]
+            assert self.published is not None
+            expected = [(p, v, r["id"]) for p, v in enumerate(self.published) for r in page_records(p, v)]
+            assert got == expected, "the document is not exactly the pages its lineage saved"
+
+        @invariant()
+        def no_task_is_processing_without_a_lease_and_attempts_are_bounded(self) -> None:
+            with rt.engine.connect() as conn:
+                for task in conn.execute(select(TASKS)).all():
+                    if task.status == "processing":
+                        assert task.lease_until is not None and task.lease_token is not None
+                    assert task.attempts <= MAX_ATTEMPTS
+
+        @invariant()
+        def finished_jobs_add_up(self) -> None:
+            with rt.engine.connect() as conn:
+                finished = conn.execute(select(JOBS.c.id).where(
+                    JOBS.c.status.in_(("completed", "failed", "cancelled")))).scalars().all()
+            for job_id in finished:
+                check_job_counters(rt.engine, job_id)
+
+        def teardown(self) -> None:
+            """Every task ends once the rules stop: stalled workers never come back, the
+            sweeper re-sends, and real deliveries run each task to its end."""
+            self.held.clear()
+            for _ in range(4 * MAX_ATTEMPTS):
+                with rt.engine.begin() as conn:
+                    conn.execute(text("UPDATE sync_tasks SET lease_until = clock_timestamp() - interval '1 second' "
+                                      "WHERE status = 'processing'"))
+                open_tasks = [t for t in self.tasks if self._row(t).status in ("pending", "processing")]
+                if not open_tasks:
+                    break
+                for task in open_tasks:
+                    saved = self._row(task).chunks
+                    try:
+                        outcome = run_task(rt, task)
+                    except RetryTask:
+                        continue
+                    if outcome is Outcome.COMPLETED:
+                        resumed = self.committed[task][:saved]
+                        variant = self._variant(self._row(task).attempts)
+                        self.published = resumed + [variant] * (self.pages - len(resumed))
+            for task in self.tasks:
+                assert self._row(task).status in ("completed", "failed", "cancelled"), f"task {task} never ended"
+            for job_id in self.jobs:
+                check_job_counters(rt.engine, job_id)
+            self.the_current_document_is_complete_and_intact()
+
+    return ProtocolModel
+
+
+def test_the_task_protocol_keeps_its_invariants_under_any_interleaving(stack: Runtime) -> None:
+    rt = Runtime(settings=stack.settings.model_copy(update={"max_attempts": MAX_ATTEMPTS, "lease_s": 600.0}),
+                 engine=stack.engine, store=stack.store)
+    run_state_machine_as_test(make_machine(rt))
+    print(f"protocol model: {STATS}")
+
