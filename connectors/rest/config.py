@@ -74,6 +74,12 @@ BASE_URL_PATTERN = (
 r"""http(s), a host name, an IPv4 address or a bracketed IPv6 one (no user info: credentials never
 sit in a URL), an optional port and path (no spaces or control characters; written out, since
 generators and ``re`` disagree on what ``\s`` covers), no query or fragment."""
+_PATH_PATTERN = "^/" + TEMPLATE_PATTERN.removeprefix("^")
+_PARAMS_SCHEMA: JsonDict = {
+    "additionalProperties": {
+        "anyOf": [{"type": "string", "pattern": TEMPLATE_PATTERN}, {"type": "number"}, {"type": "boolean"}]
+    }
+}
 _DAILY: JsonDict = {"const": "daily"}
 _PARTITION_TEMPLATE: JsonDict = {"type": "string", "pattern": USES_PARTITION_PATTERN}
 _TRANSFORM_NAMES: list[JsonValue] = [*sorted(TRANSFORMS)]
@@ -345,14 +351,14 @@ class DetailsConfig(_Model):
     (default: ``join``). An id the upstream no longer details is skipped with a warning.
     """
 
-    path: str = Field(min_length=1, max_length=2_000)
+    path: str = Field(min_length=1, max_length=2_000, json_schema_extra={"pattern": _PATH_PATTERN})
     ids_param: ParamName
-    batch: int = Field(default=50, ge=1, le=1_000)
+    batch: JsonInt = Field(default=50, ge=1, le=1_000)
     records: DottedPath | None = None
     join: str = Field(min_length=1, max_length=200)
     list_id: DottedPath | None = None
     separator: str = Field(default=",", min_length=1, max_length=5)
-    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict, json_schema_extra=_PARAMS_SCHEMA)
 
     @field_validator("path")
     @classmethod
@@ -380,17 +386,8 @@ class ResourceConfig(_Model):
         }
     )
 
-    path: str = Field(
-        min_length=1, max_length=2_000, json_schema_extra={"pattern": "^/" + TEMPLATE_PATTERN.removeprefix("^")}
-    )
-    params: dict[ParamName, ParamValue] = Field(
-        default_factory=dict,
-        json_schema_extra={
-            "additionalProperties": {
-                "anyOf": [{"type": "string", "pattern": TEMPLATE_PATTERN}, {"type": "number"}, {"type": "boolean"}]
-            }
-        },
-    )
+    path: str = Field(min_length=1, max_length=2_000, json_schema_extra={"pattern": _PATH_PATTERN})
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict, json_schema_extra=_PARAMS_SCHEMA)
     partitions: PartitionsConfig = NonePartitions(type="none")
     records: DottedPath | None = None
     envelope: EnvelopeConfig | None = None

@@ -7,6 +7,7 @@ document content, so an error cannot leak a field the caller's view hides.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -117,10 +118,23 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRA
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app answers on this path (Starlette's 405 names one route's only).
+    """The methods this path answers to (Starlette's 405 names one route's only).
 
-    Asks the router itself, method by method, so included routers and mounts are covered.
+    From the OpenAPI document when it describes the path: when several templates match
+    (``/v1/sync`` and ``/v1/{resource}``), the most specific one (fewest parameters) is the
+    resource the path names. Otherwise (a route left out of the document) the router is asked,
+    method by method, so included routers and mounts are covered.
     """
+    path = request.url.path
+    documented: list[tuple[int, set[str]]] = []
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods = {method.upper() for method in item}
+            documented.append((template.count("{"), methods | ({"HEAD"} if "GET" in methods else set())))
+    if documented:
+        fewest = min(count for count, _ in documented)
+        return sorted({method for count, methods in documented if count == fewest for method in methods})
     allowed = []
     for method in HTTP_METHODS:
         scope = {**request.scope, "method": method}
