@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
-from errors import ConfigError, UpstreamError
+from errors import ForbiddenUpstream, UpstreamError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -164,7 +164,7 @@ class NetworkPolicy:
         is stored; host names are resolved and checked when connecting).
 
         Raises:
-            ConfigError: naming the address, why it is refused, and the allowlist setting.
+            ForbiddenUpstream: (a ConfigError) naming the address, why it is refused, and the allowlist setting.
         """
         parsed = httpx.URL(url)
         host = parsed.host
@@ -174,7 +174,9 @@ class NetworkPolicy:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         reason = self.refusal(host, address, port)
         if reason is not None:
-            raise ConfigError(f"{address} is {reason}: refused as an upstream (admit it with {ALLOWLIST_SETTING})")
+            raise ForbiddenUpstream(
+                f"{address} is {reason}: refused as an upstream (admit it with {ALLOWLIST_SETTING})"
+            )
 
 
 def literal_address(host: str) -> IPAddress | None:

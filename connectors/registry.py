@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 from connectors.base import (
     ChecksAdmission,
     Connector,
@@ -18,10 +20,19 @@ from connectors.oauth2 import TokenStore
 from errors import ConfigError
 
 _FACTORIES: dict[str, ConnectorFactory] = {}
+_CONFIG_MODELS: dict[str, type[BaseModel]] = {}
 
 
-def register(name: str, factory: ConnectorFactory) -> None:
+def register(name: str, factory: ConnectorFactory, *, config_model: type[BaseModel] | None = None) -> None:
+    """Make connector ``name`` buildable; ``config_model`` describes its config in the API's OpenAPI document."""
     _FACTORIES[name] = factory
+    if config_model is not None:
+        _CONFIG_MODELS[name] = config_model
+
+
+def config_models() -> dict[str, type[BaseModel] | None]:
+    """Each connector's config model (``None`` for a connector that registered none), by name."""
+    return {name: _CONFIG_MODELS.get(name) for name in names()}
 
 
 def names() -> list[str]:

@@ -20,7 +20,10 @@ from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from connectors.base import Chunk, ConnectorContext, FetchRequest, RateLimiter, Record, ResourceSpec, ResponseHook
+from connectors.jsontypes import JsonInt
 from connectors.oauth2 import TokenStore
 from connectors.registry import register
 from connectors.transforms import POLICIES
@@ -30,16 +33,40 @@ _FIRST = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"
 _LAST = ("Park", "Nakamura", "Okafor", "Silva", "Novak", "Haddad", "Lindqvist", "Moreau")
 _STREETS = ("Oak St", "Pine Ave", "Harbor Rd", "Mill Ln", "Cedar Ct", "Elm Blvd")
 
-_INT_KEYS = {
-    "jobs_per_day": (0, 1_000_000_000),
-    "employees": (1, 100_000),
-    "teams": (1, 10_000),
-    "days_ahead": (1, 366),
-    "seed": (-(2**31), 2**31),
-    "page_size": (1, 1_000_000),
-    "version": (0, 2**31),
-    "fail_attempts": (0, 1000),
-}
+class SyntheticConfig(BaseModel):
+    """The ``synthetic`` connector's config: every key optional (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    jobs_per_day: JsonInt = Field(default=50, ge=0, le=1_000_000_000)
+    employees: JsonInt = Field(default=20, ge=1, le=100_000)
+    teams: JsonInt = Field(default=4, ge=1, le=10_000)
+    days_ahead: JsonInt = Field(default=7, ge=1, le=366)
+    seed: JsonInt = Field(default=0, ge=-(2**31), le=2**31)
+    page_size: JsonInt = Field(default=500, ge=1, le=1_000_000)
+    version: JsonInt = Field(default=0, ge=0, le=2**31)
+    fail_attempts: JsonInt = Field(default=0, ge=0, le=1000)
+    fail_partitions: list[str] | None = None
+    poison_partitions: list[str] | None = None
+    chunk_delay_s: float = Field(default=0.0, ge=0, le=60)
+
+
+def parse_config(config: Any) -> SyntheticConfig:
+    """Validate a company's ``synthetic`` config.
+
+    Raises:
+        ConfigError: naming each bad key, e.g. ``synthetic config: days_ahead: ...``.
+    """
+    try:
+        return SyntheticConfig.model_validate(config)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False, include_input=False):
+            key = ".".join(str(part) for part in error["loc"]) or "config"
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(f"{key}: {message}")
+        raise ConfigError("synthetic config: " + "; ".join(problems)) from None
+
 
 RESOURCES = (
     ResourceSpec("schedule", primary_key="JobInformationId", transform="schedule", policy=POLICIES["schedule"]),
@@ -55,41 +82,18 @@ class SyntheticConnector:
         on_response: ResponseHook | None = None, context: ConnectorContext | None = None,
         tokens: TokenStore | None = None,
     ) -> None:
-        known = {*_INT_KEYS, "fail_partitions", "poison_partitions", "chunk_delay_s"}
-        for key in config:
-            if key not in known:
-                raise ConfigError(f"synthetic config: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        values: dict[str, int] = {}
-        defaults = {"jobs_per_day": 50, "employees": 20, "teams": 4, "days_ahead": 7, "seed": 0,
-                    "page_size": 500, "version": 0, "fail_attempts": 0}
-        for key, (low, high) in _INT_KEYS.items():
-            value = config.get(key, defaults[key])
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ConfigError(f"synthetic config: {key!r} must be an integer in [{low}, {high}], got {value!r}")
-            values[key] = value
-        self.jobs_per_day = values["jobs_per_day"]
-        self.employees = values["employees"]
-        self.teams = min(values["teams"], self.employees)
-        self.days_ahead = values["days_ahead"]
-        self.seed = values["seed"]
-        self.page_size = values["page_size"]
-        self.version = values["version"]
-        self.fail_attempts = values["fail_attempts"]
-        self.fail_partitions = self._string_list(config, "fail_partitions")
-        self.poison_partitions = self._string_list(config, "poison_partitions") or set()
-        delay = config.get("chunk_delay_s", 0)
-        if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 60:
-            raise ConfigError(f"synthetic config: 'chunk_delay_s' must be a number in [0, 60], got {delay!r}")
-        self.chunk_delay_s = float(delay)
-
-    @staticmethod
-    def _string_list(config: Mapping[str, Any], key: str) -> set[str] | None:
-        value = config.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"synthetic config: {key!r} must be a list of strings")
-        return set(value)
+        parsed = parse_config(config)
+        self.jobs_per_day = parsed.jobs_per_day
+        self.employees = parsed.employees
+        self.teams = min(parsed.teams, self.employees)
+        self.days_ahead = parsed.days_ahead
+        self.seed = parsed.seed
+        self.page_size = parsed.page_size
+        self.version = parsed.version
+        self.fail_attempts = parsed.fail_attempts
+        self.fail_partitions = None if parsed.fail_partitions is None else set(parsed.fail_partitions)
+        self.poison_partitions = set(parsed.poison_partitions or ())
+        self.chunk_delay_s = float(parsed.chunk_delay_s)
 
     def resources(self) -> Sequence[ResourceSpec]:
         return RESOURCES
@@ -167,4 +171,4 @@ class SyntheticConnector:
         }
 
 
-register("synthetic", SyntheticConnector)
+register("synthetic", SyntheticConnector, config_model=SyntheticConfig)

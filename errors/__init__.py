@@ -49,6 +49,11 @@ class ConfigError(PipelineError):
     default_kind = FailureKind.PERMANENT
 
 
+class ForbiddenUpstream(ConfigError):
+    """A config names an upstream the operator's network policy refuses (an IP literal outside
+    ``PIPELINE_UPSTREAM_ALLOWLIST``): the request is well formed, the policy forbids it."""
+
+
 class NotFound(PipelineError):
     """A company, job, task or dataset does not exist."""
 
@@ -161,6 +166,12 @@ class AuthError(PipelineError):
     """A bearer token is missing, malformed, expired, badly signed or lacks a required claim."""
 
     default_kind = FailureKind.PERMANENT
+
+
+class IdentityProviderUnavailable(PipelineError):
+    """The identity provider's key set (``PIPELINE_JWKS_URL``) could not be fetched: no verdict on a token."""
+
+    default_kind = FailureKind.OUTAGE
 
 
 def classify(exc: BaseException) -> FailureKind:

@@ -48,6 +48,40 @@ def prepare_config(
     return seal_config(plain, paths, box)
 
 
+class DuplicateCompany(ConfigError):
+    """Another company already has this external id."""
+
+
+def nul_character_at(value: Any, path: str = "") -> str | None:
+    """The key path of the first string (value or key) holding a NUL character, or ``None``.
+
+    PostgreSQL cannot store U+0000 in text or JSONB, so such input is refused up front, naming where.
+    """
+    if isinstance(value, str):
+        return path or "value" if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return where
+            found = nul_character_at(item, where)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = nul_character_at(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _refuse_nul(**fields: Any) -> None:
+    for name, value in fields.items():
+        found = nul_character_at(value, name)
+        if found:
+            raise ConfigError(f"{found!r} contains a NUL character (U+0000), which cannot be stored")
+
+
 def validate_toggles(toggles: Any) -> dict[str, Any]:
     if not isinstance(toggles, Mapping):
         raise ConfigError(f"feature toggles must be a JSON object, got {type(toggles).__name__}")
@@ -77,6 +111,7 @@ def add_company(
     """
     if not name.strip():
         raise ConfigError("company name must not be empty")
+    _refuse_nul(name=name, config=config, toggles=toggles, external_id=external_id)
     stored = prepare_config(connector, config, context=context, secrets=secrets)
     company = Company(
         name=name.strip(), connector=connector, connector_config=stored,
@@ -86,7 +121,7 @@ def add_company(
         with transaction(engine) as session:
             session.add(company)
     except IntegrityError as exc:
-        raise ConfigError(f"a company with external id {external_id!r} already exists") from exc
+        raise DuplicateCompany(f"a company with external id {external_id!r} already exists") from exc
     return company
 
 
@@ -116,6 +151,7 @@ def update_company(
 ) -> Company:
     """Change a company; a new config is validated against its connector before it is stored,
     keeping the stored secrets it omits (see ``prepare_config``)."""
+    _refuse_nul(name=name, config=config, toggles=toggles)
     with transaction(engine) as session:
         company = session.get(Company, company_id, with_for_update=True)
         if company is None:

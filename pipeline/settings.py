@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
 
+_CLAIM_PATH = r"^[^.\s]+(\.[^.\s]+)*$"  # a claim name, or a dotted path into nested claims
+
 
 class Settings(BaseSettings):
     """Runtime configuration. Every field maps to ``PIPELINE_<FIELD>``."""
@@ -28,6 +30,17 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None
     jwt_secret: str | None = None
     jwt_issuer: str = "sync-pipeline"
+    # Tokens from an identity provider (RS256 / ES256, keys from its JWKS): see pipeline.auth.
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_claim_company: str = Field(default="company_id", pattern=_CLAIM_PATH)
+    jwt_claim_role: str = Field(default="role", pattern=_CLAIM_PATH)
+    jwt_claim_employee: str = Field(default="employee_id", pattern=_CLAIM_PATH)
+    jwks_cache_s: float = Field(default=300.0, gt=0, le=86_400)
+    jwks_refresh_min_interval_s: float = Field(default=10.0, ge=0, le=3_600)
+    # Bounds on the API's own requests.
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=1_073_741_824)
+    api_max_event_streams: int = Field(default=100, ge=1, le=100_000)
     task_time_budget_s: float = Field(default=120.0, gt=0, le=900)
     lease_s: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=50)
@@ -124,6 +137,35 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"not a crontab expression: {exc}") from exc
         return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in {"https", "http"} or not parsed.netloc:
+            raise ValueError("must be an https:// URL of the identity provider's JWKS document")
+        return value
+
+    @model_validator(mode="after")
+    def _jwks_needs_audience_and_issuer(self) -> Settings:
+        if self.jwks_url is None:
+            return self
+        missing = [
+            name
+            for name, given in (
+                ("PIPELINE_JWT_AUDIENCE", bool(self.jwt_audience)),
+                ("PIPELINE_JWT_ISSUER", "jwt_issuer" in self.model_fields_set and bool(self.jwt_issuer)),
+            )
+            if not given
+        ]
+        if missing:
+            raise ValueError(
+                f"{' and '.join(missing)} must be set when PIPELINE_JWKS_URL is: a provider's token is accepted"
+                " only for this API's audience and from that issuer"
+            )
+        return self
 
     @model_validator(mode="after")
     def _s3_needs_endpoint(self) -> Settings:

@@ -7,6 +7,6 @@ from connectors.graphql.config import GraphQLConfig, parse_config
 from connectors.graphql.connector import GraphQLConnector
 from connectors.registry import register
 
-register("graphql", GraphQLConnector)
+register("graphql", GraphQLConnector, config_model=GraphQLConfig)
 
 __all__ = ["GraphQLConfig", "GraphQLConnector", "parse_config"]

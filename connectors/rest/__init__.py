@@ -7,6 +7,6 @@ from connectors.registry import register
 from connectors.rest.config import RestConfig, parse_config
 from connectors.rest.connector import RestConnector
 
-register("rest", RestConnector)
+register("rest", RestConnector, config_model=RestConfig)
 
 __all__ = ["RestConfig", "RestConnector", "parse_config"]

@@ -33,23 +33,58 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     SecretStr,
     StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 from pydantic_core import ErrorDetails
 
+from connectors.jsontypes import JsonInt, integral
 from connectors.oauth2 import OAuth2ClientCredentials, OAuth2RefreshToken
 from connectors.transforms import TRANSFORMS
 from errors import ConfigError
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
 
-_ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# The validators below, as JSON Schema patterns, so that the API's OpenAPI document describes
+# exactly what is accepted (a client generated from it can build every valid config).
+TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:partition|external_id)\})*$"
+"""A ``str.format`` template whose only fields are ``{partition}`` and ``{external_id}``."""
+USES_PARTITION_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{external_id\})*\{partition\}"
+"""A (valid) template that uses ``{partition}``."""
+_V4 = r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_H = r"[0-9A-Fa-f]{1,4}"
+_V6 = (  # every textual IPv6 form (RFC 4291 §2.2) ipaddress accepts, zone ids aside
+    rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}"
+    rf"|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
+    rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:)|::(?:[Ff]{{4}}(?::0{{1,4}})?:)?{_V4}|(?:{_H}:){{1,4}}:{_V4})"
+)
+BASE_URL_PATTERN = (
+    rf"^https?://(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[{_V6}\])"
+    r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+    r"(?:/[^?#\x00-\x20\x7f]*)?$"
+)
+r"""http(s), a host name, an IPv4 address or a bracketed IPv6 one (no user info: credentials never
+sit in a URL), an optional port and path (no spaces or control characters; written out, since
+generators and ``re`` disagree on what ``\s`` covers), no query or fragment."""
+_PATH_PATTERN = "^/" + TEMPLATE_PATTERN.removeprefix("^")
+_PARAMS_SCHEMA: JsonDict = {
+    "additionalProperties": {
+        "anyOf": [{"type": "string", "pattern": TEMPLATE_PATTERN}, {"type": "number"}, {"type": "boolean"}]
+    }
+}
+_DAILY: JsonDict = {"const": "daily"}
+_PARTITION_TEMPLATE: JsonDict = {"type": "string", "pattern": USES_PARTITION_PATTERN}
+_TRANSFORM_NAMES: list[JsonValue] = [*sorted(TRANSFORMS)]
+
+_ENV_VAR = ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 # Not starting with '.': '.', '..' and '.x' would be reserved blob key segments (defect 4).
 _RESOURCE = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
@@ -75,7 +110,18 @@ SecretValue = Annotated[SecretStr, Field(min_length=1, max_length=10_000)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a config is JSON, and "5" is not a number nor 0 a boolean (the schema says so too).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _one_of(inline: str, env: str) -> JsonDict:
+    """``_exactly_one`` as JSON Schema: one of the two keys set (a string), the other null or absent."""
+    return {
+        "anyOf": [
+            {"required": [inline], "properties": {inline: {"type": "string"}, env: {"type": "null"}}},
+            {"required": [env], "properties": {env: {"type": "string"}, inline: {"type": "null"}}},
+        ]
+    }
 
 
 def _exactly_one(inline: SecretStr | None, env: str | None, names: tuple[str, str]) -> None:
@@ -85,6 +131,8 @@ def _exactly_one(inline: SecretStr | None, env: str | None, names: tuple[str, st
 
 class BearerAuth(_Model):
     """``Authorization: Bearer <token>``; the token inline or from the variable ``token_env``."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of("token", "token_env"))
 
     type: Literal["bearer"]
     token: SecretValue | None = None
@@ -102,6 +150,8 @@ class BearerAuth(_Model):
 
 class HeaderAuth(_Model):
     """``<name>: <value>``, e.g. ``X-Api-Key``; the value inline or from the variable ``value_env``."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of("value", "value_env"))
 
     type: Literal["header"]
     name: HeaderName
@@ -141,7 +191,7 @@ class RetryConfig(_Model):
     ``max_wait_s`` bounds the total wait for one request.
     """
 
-    max_attempts: int = Field(default=5, ge=1, le=20)
+    max_attempts: JsonInt = Field(default=5, ge=1, le=20)
     backoff_s: float = Field(default=0.5, gt=0, le=60)
     max_backoff_s: float = Field(default=30.0, gt=0, le=600)
     max_wait_s: float = Field(default=120.0, ge=0, le=1_800)
@@ -160,9 +210,16 @@ class DailyPartitions(_Model):
     days; ``{"days_ahead": 1, "days_back": 2}`` is the day before yesterday, yesterday and today.
     """
 
+    # The schema states the model validator below: not (days_ahead == 0 and days_back in (0, absent)).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {"required": ["days_ahead"], "properties": {"days_ahead": {"const": 0}, "days_back": {"const": 0}}}
+        }
+    )
+
     type: Literal["daily"]
-    days_ahead: int = Field(default=7, ge=0, le=366)
-    days_back: int = Field(default=0, ge=0, le=366)
+    days_ahead: JsonInt = Field(default=7, ge=0, le=366)
+    days_back: JsonInt = Field(default=0, ge=0, le=366)
 
     @model_validator(mode="after")
     def _at_least_one_day(self) -> DailyPartitions:
@@ -190,7 +247,7 @@ class OffsetPaginatorConfig(_Model):
     type: Literal["offset"]
     offset_param: ParamName = "offset"
     limit_param: ParamName = "limit"
-    limit: int = Field(default=100, ge=1, le=100_000)
+    limit: JsonInt = Field(default=100, ge=1, le=100_000)
     has_more: DottedPath | None = None
 
 
@@ -200,8 +257,8 @@ class PagePaginatorConfig(_Model):
     type: Literal["page"]
     page_param: ParamName = "page"
     size_param: ParamName = "pageSize"
-    size: int = Field(default=100, ge=1, le=100_000)
-    first_page: int = Field(default=1, ge=0)
+    size: JsonInt = Field(default=100, ge=1, le=100_000)
+    first_page: JsonInt = Field(default=1, ge=0)
     has_more: DottedPath | None = None
 
 
@@ -213,12 +270,23 @@ class CursorPaginatorConfig(_Model):
     is false or, without it, when there is no next cursor or the page is empty.
     """
 
+    # The schema states ``_limit_needs_param``: both set, or both null or absent.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["limit", "limit_param"], "properties": {"limit": {"type": "integer"},
+                                                                      "limit_param": {"type": "string"}}},
+                {"properties": {"limit": {"type": "null"}, "limit_param": {"type": "null"}}},
+            ]
+        }
+    )
+
     type: Literal["cursor"]
     cursor_param: ParamName = "starting_after"
     cursor_path: DottedPath | None = None
     has_more: DottedPath | None = None
     limit_param: ParamName | None = None
-    limit: int | None = Field(default=None, ge=1, le=100_000)
+    limit: Annotated[int, Field(ge=1, le=100_000), BeforeValidator(integral)] | None = None
 
     @model_validator(mode="after")
     def _limit_needs_param(self) -> CursorPaginatorConfig:
@@ -283,14 +351,14 @@ class DetailsConfig(_Model):
     (default: ``join``). An id the upstream no longer details is skipped with a warning.
     """
 
-    path: str = Field(min_length=1, max_length=2_000)
+    path: str = Field(min_length=1, max_length=2_000, json_schema_extra={"pattern": _PATH_PATTERN})
     ids_param: ParamName
-    batch: int = Field(default=50, ge=1, le=1_000)
+    batch: JsonInt = Field(default=50, ge=1, le=1_000)
     records: DottedPath | None = None
     join: str = Field(min_length=1, max_length=200)
     list_id: DottedPath | None = None
     separator: str = Field(default=",", min_length=1, max_length=5)
-    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict, json_schema_extra=_PARAMS_SCHEMA)
 
     @field_validator("path")
     @classmethod
@@ -303,15 +371,30 @@ class DetailsConfig(_Model):
 class ResourceConfig(_Model):
     """One resource: where to fetch it, how to page through it, how to read and key its records."""
 
-    path: str = Field(min_length=1, max_length=2_000)
-    params: dict[ParamName, ParamValue] = Field(default_factory=dict)
+    # ``{partition}`` only with daily partitions (checked by the connector; stated here for the schema).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["partitions"], "properties": {"partitions": {"properties": {"type": _DAILY}}}},
+                {
+                    "properties": {
+                        "path": {"not": {"pattern": USES_PARTITION_PATTERN}},
+                        "params": {"additionalProperties": {"not": _PARTITION_TEMPLATE}},
+                    }
+                },
+            ]
+        }
+    )
+
+    path: str = Field(min_length=1, max_length=2_000, json_schema_extra={"pattern": _PATH_PATTERN})
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict, json_schema_extra=_PARAMS_SCHEMA)
     partitions: PartitionsConfig = NonePartitions(type="none")
     records: DottedPath | None = None
     envelope: EnvelopeConfig | None = None
     primary_key: str = Field(min_length=1, max_length=200)
     paginator: PaginatorConfig = NonePaginatorConfig(type="none")
     incremental: IncrementalConfig | None = None
-    transform: str = "identity"
+    transform: str = Field(default="identity", json_schema_extra={"enum": _TRANSFORM_NAMES})
     details: DetailsConfig | None = None
 
     @field_validator("path")
@@ -347,19 +430,24 @@ class ResourceConfig(_Model):
 class RestConfig(_Model):
     """A company's ``rest`` connector config (see the module docstring for the keys)."""
 
-    base_url: str = Field(max_length=2_000)
+    base_url: str = Field(max_length=2_000, json_schema_extra={"pattern": BASE_URL_PATTERN})
     auth: AuthConfig = NoAuth(type="none")
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     rate_limit: RateLimitConfig | None = None
     retry: RetryConfig = RetryConfig()
-    pages_per_chunk: int = Field(default=10, ge=1, le=10_000)
-    resources: dict[ResourceName, ResourceConfig] = Field(min_length=1)
+    pages_per_chunk: JsonInt = Field(default=10, ge=1, le=10_000)
+    resources: dict[ResourceName, ResourceConfig] = Field(
+        min_length=1, json_schema_extra={"additionalProperties": False}
+    )
 
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
-            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        if not re.match(BASE_URL_PATTERN, value):
+            raise ValueError(
+                "must be an http:// or https:// URL: a host name or IPv4 address, an optional port and path,"
+                " no user info, query or fragment"
+            )
         return value.rstrip("/")
 
 

@@ -32,7 +32,7 @@ from connectors.rest.config import (
 from connectors.rest.http import HttpClient, body_excerpt, printable_excerpt
 from connectors.rest.paginators import MISSING, Page, Paginator, lookup, make_paginator
 from connectors.transforms import POLICIES
-from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
+from errors import ConfigError, ConnectorError, ForbiddenUpstream, PipelineError, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,8 @@ class RestConnector:
         self._check_env(context)
         try:
             context.network.check_url(self.config.base_url)
+        except ForbiddenUpstream as exc:
+            raise ForbiddenUpstream(f"rest config: base_url: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"rest config: base_url: {exc}") from None
 

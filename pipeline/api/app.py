@@ -12,14 +12,18 @@ caches through ``pipeline.api.deps.State`` (``app.state.api``).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
+from connectors.rest.config import ENV_VAR_PATTERN
 from pipeline.api import companies, control, metrics, read, tenant
 from pipeline.api.deps import ApiState
-from pipeline.api.errors import install_error_handlers
+from pipeline.api.errors import BODY_RESPONSES, install_error_handlers
+from pipeline.api.limits import BodyLimit
 from pipeline.console import install_console
 from pipeline.runtime import Runtime
 from pipeline.settings import load_settings
@@ -87,8 +91,46 @@ def create_app(
     app.include_router(companies.router, include_in_schema=control_enabled)
     app.include_router(metrics.router)
     install_console(app)
+    app.add_middleware(BodyLimit, max_bytes=runtime.settings.api_max_body_bytes)
     app.add_middleware(metrics.RequestLatency)
+    _document_body_errors(app, runtime)
     return app
+
+
+def _document_body_errors(app: FastAPI, runtime: Runtime) -> None:
+    """Add the 400 (unparseable body) and 413 (``BodyLimit``) answers to every operation taking a body,
+    and state what the request models check beyond their own schema: no string may hold U+0000
+    (PostgreSQL cannot store it; 422), and environment references (``token_env``, ``value_env``)
+    start with this deployment's ``PIPELINE_CONNECTOR_ENV_PREFIX``.
+
+    Done on the generated document rather than route by route, so a new route with a body cannot
+    be left undocumented.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "requestBody" not in operation:
+                    continue
+                responses = operation.setdefault("responses", {})
+                for status, response in BODY_RESPONSES.items():
+                    responses.setdefault(
+                        str(status),
+                        {
+                            "description": response["description"],
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                        },
+                    )
+        _forbid_nul_in_request_bodies(schema)
+        _state_env_prefix(schema, runtime.settings.connector_env_prefix)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app_from_env() -> FastAPI:
@@ -105,3 +147,75 @@ def create_app_from_env() -> FastAPI:
     except BaseException:
         runtime.close()
         raise
+
+
+NO_NUL = "^[^\\x00]*$"
+
+
+def _forbid_nul_in_request_bodies(document: dict[str, Any]) -> None:
+    """Constrain every string (and object key) of the schemas request bodies use to exclude U+0000."""
+    components: dict[str, Any] = document.get("components", {}).get("schemas", {})
+    pending = [
+        operation["requestBody"]
+        for path_item in document.get("paths", {}).values()
+        for operation in path_item.values()
+        if isinstance(operation, dict) and "requestBody" in operation
+    ]
+    seen: set[str] = set()
+    constrained: set[int] = set()
+    while pending:
+        node = pending.pop()
+        for ref in _refs(node):
+            name = ref.rsplit("/", 1)[-1]
+            if name not in seen and name in components:
+                seen.add(name)
+                pending.append(components[name])
+        _no_nul(node, constrained)
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
+
+
+def _no_nul(node: Any, constrained: set[int]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _no_nul(item, constrained)
+        return
+    if not isinstance(node, dict) or id(node) in constrained:
+        return
+    constrained.add(id(node))  # a schema reached twice is constrained once
+    if node.get("type") == "string" and "const" not in node and "enum" not in node:
+        if "pattern" not in node:
+            node["pattern"] = NO_NUL
+        elif "\\x00" not in node["pattern"]:
+            node.setdefault("allOf", []).append({"pattern": NO_NUL})
+    open_keys = node.get("additionalProperties") not in (None, False) or "patternProperties" in node
+    if node.get("type") == "object" and open_keys:
+        node.setdefault("propertyNames", {}).setdefault("pattern", NO_NUL)
+    for key, value in node.items():
+        if key != "not":  # constraining a negated schema would widen what it accepts
+            _no_nul(value, constrained)
+
+
+def _state_env_prefix(document: dict[str, Any], prefix: str) -> None:
+    """Narrow every environment-variable-name pattern to the names this deployment allows."""
+    allowed = "^" + re.escape(prefix) + "[A-Za-z0-9_]*$"
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("pattern") == ENV_VAR_PATTERN:
+                node["pattern"] = allowed
+                node["description"] = f"The name of an environment variable starting with {prefix}"
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(document)

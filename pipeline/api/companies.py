@@ -7,24 +7,55 @@ write-only: responses show them as ``"***"``, and a PATCH that omits one keeps i
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Depends, Path
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
+from connectors import registry
 from pipeline.api.control import ADMIN_RESPONSES, MAX_ID, require_admin
 from pipeline.api.deps import State
 from pipeline.api.errors import ErrorBody, error_response
-from pipeline.companies import add_company, get_company, list_companies, update_company
-from pipeline.errors import ConfigError
+from pipeline.companies import (
+    DuplicateCompany,
+    add_company,
+    get_company,
+    list_companies,
+    nul_character_at,
+    update_company,
+)
+from pipeline.errors import ConfigError, ForbiddenUpstream
 from pipeline.models import Company
 from pipeline.secrets import redact
 
 router = APIRouter(tags=["companies"], dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES)
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-CompanyIdPath = Annotated[int, Path(gt=0, le=MAX_ID)]
+# Whitespace-only names are refused (they are stripped): the pattern says so in the schema.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"\S")]
+CompanyIdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
+Toggles = Annotated[dict[str, bool], Field(description="Feature toggles: name → true/false")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such company"}}
+FORBIDDEN_UPSTREAM: dict[int | str, dict[str, Any]] = {
+    403: {
+        "model": ErrorBody,
+        "description": "The config names an IP-literal upstream the network policy refuses"
+        " (PIPELINE_UPSTREAM_ALLOWLIST)",
+    }
+}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The external id is taken, or the config is for another connector"}
+}
 
 
 CONFIG_DESCRIPTION = (
@@ -33,27 +64,86 @@ CONFIG_DESCRIPTION = (
 )
 
 
-class CompanyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Body(BaseModel):
+    """A strict request body (no coercion: ``"enabled": 0`` is not a boolean) that remembers what was sent."""
 
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _sent: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_sent(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        found = nul_character_at(data)
+        if found:
+            raise ValueError(f"{found}: contains a NUL character (U+0000), which cannot be stored")
+        model = handler(data)
+        if isinstance(model, _Body) and isinstance(data, dict):
+            model._sent = data
+        return model
+
+    def sent_config(self) -> dict[str, Any]:
+        """``config`` exactly as the client sent it: stored as sent, after the registry validates it again."""
+        config = self._sent.get("config")
+        return dict(config) if isinstance(config, dict) else {}
+
+
+class _CompanyFields(_Body):
+    connector: str  # narrowed to one Literal per connector below
+    config: Any
     name: Name
-    connector: Annotated[str, StringConstraints(min_length=1, max_length=50)]
-    config: dict[str, Any] = Field(default_factory=dict, description=CONFIG_DESCRIPTION)
-    toggles: dict[str, Any] = Field(default_factory=dict, description="Feature toggles: name → true/false")
+    toggles: Toggles = Field(default_factory=dict)
     external_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     enabled: bool = True
 
 
-class CompanyPatch(BaseModel):
-    """Only the fields given change; ``config`` and ``toggles`` are replaced whole."""
+def _company_model(connector: str, config_model: type[BaseModel] | None) -> type[_CompanyFields]:
+    """``{"connector": "<connector>", "config": <its config model>, ...}`` for the union below."""
+    config: Any
+    if config_model is None:
+        config = (dict[str, Any], Field(default_factory=dict, description=CONFIG_DESCRIPTION))
+    elif any(field.is_required() for field in config_model.model_fields.values()):
+        config = (config_model, Field(description=CONFIG_DESCRIPTION))
+    else:  # every key optional: the whole config may be left out too
+        config = (config_model, Field(default_factory=config_model, description=CONFIG_DESCRIPTION))
+    model: type[_CompanyFields] = create_model(
+        f"{connector.title().replace('_', '')}CompanyIn",
+        __base__=_CompanyFields,
+        __doc__=f"A company whose upstream is the {connector!r} connector.",
+        connector=(Literal[connector], ...),  # type: ignore[arg-type]
+        config=config,
+    )
+    return model
 
-    model_config = ConfigDict(extra="forbid")
+
+_COMPANY_MODELS = {name: _company_model(name, model) for name, model in registry.config_models().items()}
+_CONFIG_MODELS = {name: model for name, model in registry.config_models().items() if model is not None}
+
+if TYPE_CHECKING:
+    CompanyIn = _CompanyFields
+else:
+    CompanyIn = Annotated[Union[tuple(_COMPANY_MODELS.values())], Field(discriminator="connector")]  # noqa: UP007
+# A new company: one body shape per connector, told apart by ``connector`` (a discriminated union).
+
+
+_ANY_CONFIG: list[JsonValue] = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in _CONFIG_MODELS.values()]
+_ANY_CONFIG.append({"type": "null"})
+
+
+class CompanyPatch(_Body):
+    """Only the fields given change; ``config`` and ``toggles`` are replaced whole.
+
+    ``config`` must be a config of the company's own connector (409 otherwise).
+    """
 
     name: Name | None = None
+    # Validated by pipeline.companies (which first merges the stored secrets a config omits), and
+    # documented as any connector's config: the handler answers 409 for another connector's.
     config: dict[str, Any] | None = Field(
-        default=None, description=CONFIG_DESCRIPTION + "; a secret omitted or sent as \"***\" keeps the stored one"
+        default=None,
+        description=CONFIG_DESCRIPTION + "; a secret omitted or sent as \"***\" keeps the stored one",
+        json_schema_extra={"anyOf": _ANY_CONFIG},
     )
-    toggles: dict[str, Any] | None = None
+    toggles: Toggles | None = None
     enabled: bool | None = None
 
 
@@ -83,20 +173,31 @@ class CompanyOut(BaseModel):
         )
 
 
-@router.post("/companies", status_code=201, response_model=CompanyOut, summary="Add a company")
+@router.post(
+    "/companies",
+    status_code=201,
+    response_model=CompanyOut,
+    responses={**CONFLICT, **FORBIDDEN_UPSTREAM},
+    summary="Add a company",
+)
 def post_company(body: CompanyIn, state: State) -> Any:
+    config = body.sent_config()
     try:
         company = add_company(
             state.runtime.engine,
             name=body.name,
             connector=body.connector,
-            config=body.config,
+            config=config,
             toggles=body.toggles,
             external_id=body.external_id,
             enabled=body.enabled,
             context=state.runtime.connector_context,
             secrets=state.runtime.secrets,
         )
+    except DuplicateCompany as exc:
+        return error_response(409, "conflict", str(exc))
+    except ForbiddenUpstream as exc:
+        return error_response(403, "upstream_refused", str(exc))
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
     return CompanyOut.of(company)
@@ -112,24 +213,55 @@ def get_one_company(company_id: CompanyIdPath, state: State) -> Any:
     return CompanyOut.of(get_company(state.runtime.engine, company_id))
 
 
+def _for_another_connector(connector: str, config: dict[str, Any]) -> bool:
+    """Whether ``config`` is some other connector's config and not one of ``connector``'s.
+
+    A config the company's own model refuses may still be fine once the stored secrets it
+    omits are merged back (``pipeline.companies`` decides that, with a 422 naming the key).
+    """
+    own = _CONFIG_MODELS.get(connector)
+    if own is None or _valid(own, config):
+        return False
+    return any(_valid(model, config) for name, model in _CONFIG_MODELS.items() if name != connector)
+
+
+def _valid(model: type[BaseModel], config: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(config)
+    except ValidationError:
+        return False
+    return True
+
+
 @router.patch(
     "/companies/{company_id}",
     response_model=CompanyOut,
-    responses=NOT_FOUND,
+    responses={**NOT_FOUND, **CONFLICT, **FORBIDDEN_UPSTREAM},
     summary="Change a company's name, connector config, feature toggles or sync switch",
 )
 def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -> Any:
+    engine = state.runtime.engine
+    config = None
+    if body.config is not None:
+        config = body.sent_config()
+        connector = get_company(engine, company_id).connector
+        if _for_another_connector(connector, config):
+            return error_response(
+                409, "conflict", f"company {company_id} uses connector {connector!r}: send a {connector} config"
+            )
     try:
         company = update_company(
-            state.runtime.engine,
+            engine,
             company_id,
             name=body.name,
-            config=body.config,
+            config=config,
             toggles=body.toggles,
             enabled=body.enabled,
             context=state.runtime.connector_context,
             secrets=state.runtime.secrets,
         )
+    except ForbiddenUpstream as exc:
+        return error_response(403, "upstream_refused", str(exc))
     except ConfigError as exc:
         return error_response(422, "invalid_request", str(exc))
     return CompanyOut.of(company)

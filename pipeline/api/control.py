@@ -23,13 +23,15 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
 from connectors.base import RateLimiter
+from connectors.jsontypes import integral
 from pipeline.api.deps import ApiState, State, api_state
 from pipeline.api.errors import ErrorBody, error_response
+from pipeline.api.limits import SlotStreamingResponse, StreamsExhausted, StreamSlots, streams_exhausted
 from pipeline.control import (
     CancelResult,
     InvalidJobState,
@@ -53,7 +55,9 @@ from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
 ADMIN_KEY_SETTING = "PIPELINE_ADMIN_API_KEY"
-MAX_ID = 2**63 - 1
+MAX_ID = 2**53 - 1
+"""The largest id the API accepts: every JSON client (JavaScript, a generator working in doubles)
+represents it exactly, so the bound in the schema is the bound that is checked."""
 JOB_DETAIL = TypeAdapter(JobDetail)
 JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]  # pipeline.models.STATUSES
 
@@ -81,6 +85,7 @@ class ControlState:
         self._limiter: RateLimiter | None = None
         self._lock = threading.Lock()
         self._resources = contextlib.ExitStack()
+        self.streams = StreamSlots(runtime.settings.api_max_event_streams)
 
     def dispatcher(self) -> Dispatcher:
         """The dispatcher, built on the first call (blocking; call it from a worker thread)."""
@@ -178,15 +183,17 @@ router = APIRouter(
 
 # --- start a sync ------------------------------------------------------------------------------
 
-CompanyId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
-ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
-PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+CompanyId = Annotated[int, Field(ge=1, le=MAX_ID), BeforeValidator(integral)]
+# No control characters (pipeline.planning refuses them): said in the schema, so clients know.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=_PRINTABLE)]
+PartitionKey = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_PRINTABLE)]
 
 
 class SyncRequest(BaseModel):
     """What to sync; every list narrows the scope, and an omitted one means all."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     company_ids: list[CompanyId] | None = Field(default=None, max_length=100_000)
     resources: list[ResourceName] | None = Field(default=None, max_length=1000)
@@ -212,6 +219,18 @@ class SyncAccepted(BaseModel):
     events_url: str
 
 
+SYNC_CONFLICTS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "A company in scope does not exist"},
+    409: {
+        "model": ErrorBody,
+        "description": "A company in scope is disabled or unusable, does not offer a resource in scope,"
+        " or has more tasks than `immediate` runs",
+    },
+    429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
+}
+"""The answers of ``immediate_or_queued`` beyond the body's validation (``POST /sync``, ``POST /v1/sync``)."""
+
+
 def immediate_or_queued(
     state: ApiState,
     control: ControlState,
@@ -230,8 +249,10 @@ def immediate_or_queued(
     Queued: 202 with ``accepted(job_id, resources, status, total_tasks)`` (status "planning":
     the coordinator plans the tasks). Immediate: the job is planned and its tasks run in this
     request (``pipeline.immediate``); 200 with ``finished(job_id)`` when they all ended in time,
-    else 202 (the rest finishes on the fleet). Errors answer 422 (naming the field or
-    ``immediate``) or 429 (the unfinished-jobs cap).
+    else 202 (the rest finishes on the fleet). A company that does not exist answers 404; one that
+    cannot be synced now (disabled, unusable config, a resource it does not offer, too many tasks
+    for ``immediate``) 409 naming it; the unfinished-jobs cap 429. The body itself was validated
+    by its model (422), so a 4xx here is never about its shape.
     """
     settings = state.runtime.settings
     try:
@@ -251,9 +272,9 @@ def immediate_or_queued(
     except TooManyJobs as exc:
         return error_response(429, "too_many_jobs", str(exc))
     except NotFound as exc:
-        return error_response(422, "unknown_company", str(exc))
+        return error_response(404, "unknown_company", str(exc))
     except ConfigError as exc:  # TooLargeForImmediate included: its message names `immediate`
-        return error_response(422, "invalid_request", str(exc))
+        return error_response(409, "conflict", str(exc))
     return accepted(submitted.job_id, submitted.resources, "planning", 0)
 
 
@@ -263,7 +284,7 @@ def immediate_or_queued(
     response_model=SyncAccepted,
     responses={
         200: {"model": JobDetail, "description": "`immediate`: the finished job"},
-        429: {"model": ErrorBody, "description": "A company in scope is at the unfinished-jobs cap"},
+        **SYNC_CONFLICTS,
     },
     summary="Start a sync: records the job and hands its planning to the coordinator, answers before any task "
             "exists (status planning; total_tasks and the tasks appear once it is planned); `immediate` runs it",
@@ -289,7 +310,7 @@ def start_sync(body: SyncRequest, state: State, control: Control) -> Any:
 def get_jobs(
     state: State,
     status: Annotated[JobStatus | None, Query()] = None,
-    company_id: Annotated[int | None, Query(gt=0, le=MAX_ID)] = None,
+    company_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Any:
     return list_jobs(state.runtime.engine, status=status, company_id=company_id, limit=limit)
@@ -328,6 +349,16 @@ def _sse(event_id: int, event: Event) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), orjson.dumps(data))
 
 
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorBody,
+        "description": "Too many event streams are open in this process (see Retry-After), or the feed is down",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}},
+    },
+}
+"""OpenAPI ``responses`` of the event-stream endpoints (``event_stream_response``)."""
+
+
 @router.get(
     "/sync/jobs/{job_id}/events",
     response_class=StreamingResponse,
@@ -337,6 +368,7 @@ def _sse(event_id: int, event: Event) -> bytes:
             "description": "Server-Sent Events: snapshot, then task / progress events, then end",
         },
         404: {"model": ErrorBody, "description": "No such job"},
+        **STREAM_RESPONSES,
     },
     summary="Live events of a job (Server-Sent Events), ending with its final state",
     description=(
@@ -346,17 +378,40 @@ def _sse(event_id: int, event: Event) -> bytes:
     ),
 )
 async def get_job_events(job_id: uuid.UUID, state: State, control: Control) -> Response:
-    return await event_stream_response(job_event_stream(state.runtime.engine, control.feed(), job_id))
+    return await event_stream_response(
+        job_event_stream(state.runtime.engine, control.feed(), job_id), slots=control.streams
+    )
 
 
-async def event_stream_response(stream: AsyncGenerator[Event, None]) -> Response:
+
+
+def _nothing() -> None:
+    pass
+
+
+async def event_stream_response(stream: AsyncGenerator[Event, None], *, slots: StreamSlots | None = None) -> Response:
     """Serve ``stream`` as Server-Sent Events; its first event is pulled first, so a missing job
-    (``NotFound``) answers 404 and an unavailable feed 503 instead of an empty stream."""
+    (``NotFound``) answers 404 and an unavailable feed 503 instead of an empty stream.
+
+    With ``slots``, the stream holds one of this process's ``PIPELINE_API_MAX_EVENT_STREAMS``
+    slots until it ends however it ends; none free answers 503 with ``Retry-After``.
+    """
+    release: Callable[[], None] = _nothing
+    if slots is not None:
+        try:
+            release = slots.acquire()
+        except StreamsExhausted as exc:
+            await stream.aclose()
+            return streams_exhausted(exc)
     try:
         first = await anext(stream)
     except FeedUnavailable as exc:
         await stream.aclose()
+        release()
         return error_response(503, "events_unavailable", str(exc))
+    except BaseException:
+        release()
+        raise
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -368,8 +423,9 @@ async def event_stream_response(stream: AsyncGenerator[Event, None]) -> Response
         finally:
             await stream.aclose()
 
-    return StreamingResponse(
+    return SlotStreamingResponse(
         body(),
+        release=release,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

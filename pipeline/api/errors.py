@@ -7,6 +7,7 @@ document content, so an error cannot leak a field the caller's view hides.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -16,11 +17,13 @@ from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from pipeline.errors import (
     AuthError,
     ChecksumMismatch,
     ConfigError,
+    IdentityProviderUnavailable,
     NotFound,
     ObjectMissing,
     PipelineError,
@@ -67,6 +70,16 @@ async def _not_found(_: Request, exc: Exception) -> Response:
     return not_found()
 
 
+async def _provider_unavailable(request: Request, exc: Exception) -> Response:
+    log.error("token not verified on %s: %s", request.url.path, exc)
+    return error_response(
+        503,
+        "identity_provider_unavailable",
+        "the identity provider's keys could not be fetched; retry later",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _checksum_mismatch(request: Request, exc: Exception) -> Response:
     log.error("refused to serve %s: %s", request.url.path, exc)
     return error_response(
@@ -101,13 +114,50 @@ async def _pipeline_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "internal server error")
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods this path answers to (Starlette's 405 names one route's only).
+
+    From the OpenAPI document when it describes the path: when several templates match
+    (``/v1/sync`` and ``/v1/{resource}``), the most specific one (fewest parameters) is the
+    resource the path names. Otherwise (a route left out of the document) the router is asked,
+    method by method, so included routers and mounts are covered.
+    """
+    path = request.url.path
+    documented: list[tuple[int, set[str]]] = []
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods = {method.upper() for method in item}
+            documented.append((template.count("{"), methods | ({"HEAD"} if "GET" in methods else set())))
+    if documented:
+        fewest = min(count for count, _ in documented)
+        return sorted({method for count, methods in documented if count == fewest for method in methods})
+    allowed = []
+    for method in HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         return not_found()
-    code = {405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
-    headers = dict(exc.headers) if exc.headers else None
-    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+    code = {
+        400: "bad_request",
+        405: "method_not_allowed",
+        401: "unauthorized",
+        403: "forbidden",
+        413: "body_too_large",
+    }.get(exc.status_code, "http_error")
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
 
 def _field(location: Any) -> str:
@@ -132,6 +182,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; the most specific exception class wins (Starlette walks the MRO)."""
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(IdentityProviderUnavailable, _provider_unavailable)
     app.add_exception_handler(ChecksumMismatch, _checksum_mismatch)
     app.add_exception_handler(ObjectMissing, _object_missing)
     app.add_exception_handler(StorageError, _storage_unavailable)
@@ -148,6 +199,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown resource or partition (or another company's)"},
     422: {"model": ErrorBody, "description": "Invalid request; the message names the field"},
     502: {"model": ErrorBody, "description": "The stored document failed its integrity check"},
-    503: {"model": ErrorBody, "description": "The database or the blob store is unavailable"},
+    503: {
+        "model": ErrorBody,
+        "description": "The database, the blob store or the identity provider's key set is unavailable",
+    },
 }
 """OpenAPI ``responses`` for routes that authenticate and read datasets."""
+
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The body could not be parsed"},
+    413: {"model": ErrorBody, "description": "The body is larger than PIPELINE_API_MAX_BODY_BYTES"},
+}
+"""OpenAPI ``responses`` added to every operation that takes a body (see ``pipeline.api.app``)."""

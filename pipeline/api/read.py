@@ -6,13 +6,15 @@ blob store, filtering a document the first time) runs in the threadpool.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import orjson
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -42,6 +44,10 @@ router = APIRouter()
 
 ResourceName = Annotated[str, Path(description="A resource the company's connector offers", examples=["schedule"])]
 PartitionKey = Annotated[str, Path(description="A partition key, e.g. a day", examples=["2030-01-15"])]
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+"""A listing page is bounded: for a technician, each partition on it is filtered to count their rows."""
 
 
 class PartitionInfo(BaseModel):
@@ -86,16 +92,42 @@ async def _resource(state: ApiState, principal: Principal, resource: str) -> tup
     return company, spec
 
 
+_LISTING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "One page of partitions, ordered by partition key",
+        "headers": {
+            "Link": {
+                "schema": {"type": "string"},
+                "description": 'The next page, `<...?after=KEY&limit=N>; rel="next"`, when there is one',
+            }
+        },
+    },
+    **ERROR_RESPONSES,
+}
+
+
 @router.get(
     "/v1/{resource}",
     response_model=list[PartitionInfo],
-    responses=ERROR_RESPONSES,
-    summary="List the caller's company's published partitions of a resource",
+    responses=_LISTING_RESPONSES,
+    summary="List the caller's company's published partitions of a resource, one page at a time",
+    description=(
+        "Partitions are ordered by key; `after` continues after a key, and a `Link` header with"
+        ' `rel="next"` names the next page. A technician\'s `record_count` is that of their view.'
+    ),
 )
-async def list_partitions(request: Request, resource: ResourceName, principal: CurrentPrincipal) -> Response:
+async def list_partitions(
+    request: Request,
+    resource: ResourceName,
+    principal: CurrentPrincipal,
+    after: Annotated[str | None, Query(max_length=200, description="Start after this partition key")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Partitions per page")] = DEFAULT_PAGE,
+) -> Response:
     state = api_state(request)
     company, spec = await _resource(state, principal, resource)
-    datasets = await state.listing(company.id, resource)
+    listing = await state.listing(company.id, resource)
+    start = 0 if after is None else bisect.bisect_right(listing, after, key=lambda dataset: dataset.partition)
+    datasets = listing[start : start + limit]
     view = company.view(spec, principal)
     counts = [dataset.record_count for dataset in datasets]
     if view != FULL_VIEW and spec.policy.rows is not None and datasets:
@@ -113,7 +145,11 @@ async def list_partitions(request: Request, resource: ResourceName, principal: C
             for dataset, count in zip(datasets, counts, strict=True)
         ]
     )
-    return Response(body, media_type="application/json", headers={"Cache-Control": "private, no-cache"})
+    headers = {"Cache-Control": "private, no-cache"}
+    if start + limit < len(listing):
+        following = f"/v1/{quote(resource, safe='')}?after={quote(datasets[-1].partition, safe='')}&limit={limit}"
+        headers["Link"] = f'<{following}>; rel="next"'
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def _view_counts(

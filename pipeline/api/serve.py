@@ -9,7 +9,7 @@ from typing import Any
 import uvicorn
 
 from pipeline.api.app import FACTORY
-from pipeline.auth import jwt_secret
+from pipeline.auth import check_token_settings
 from pipeline.settings import Settings, settings_environment
 
 __all__ = ["log_config", "serve", "settings_environment"]
@@ -47,9 +47,9 @@ def serve(
         app: import string of an app factory (the benchmark serves its own, with extra routes).
 
     Raises:
-        ConfigError: no usable JWT secret (checked before any worker starts).
+        ConfigError: no usable JWT secret nor JWKS URL (checked before any worker starts).
     """
-    jwt_secret(settings)
+    check_token_settings(settings)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     os.environ.update(settings_environment(settings))

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from pipeline.api.control import (
+    STREAM_RESPONSES,
+    SYNC_CONFLICTS,
     Control,
     JobStatus,
     PartitionKey,
@@ -51,7 +53,7 @@ router = APIRouter(tags=["self-service"], responses=RESPONSES)
 class TenantSyncRequest(BaseModel):
     """What to sync of the caller's company; an omitted list means all."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     resources: list[ResourceName] | None = Field(default=None, max_length=1000)
     partitions: list[PartitionKey] | None = Field(default=None, max_length=10_000)
@@ -84,8 +86,7 @@ FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"model": ErrorBody, "descrip
     responses={
         200: {"model": JobDetail, "description": "`immediate`: the finished job"},
         403: {"model": ErrorBody, "description": "The caller is a technician"},
-        422: {"model": ErrorBody, "description": "Invalid request, or `immediate` with a scope over the limit"},
-        429: {"model": ErrorBody, "description": "The company is at the unfinished-jobs cap"},
+        **SYNC_CONFLICTS,
     },
     summary="Sync the caller's company: plans the job and queues its tasks (or runs them, `immediate`)",
 )
@@ -143,11 +144,12 @@ def tenant_job(
         200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events of the caller's tasks"},
         **NOT_FOUND,
         **FORBIDDEN,
+        **STREAM_RESPONSES,
     },
     summary="Live events of the caller's company's part of a job (Server-Sent Events)",
 )
 async def tenant_job_events(job_id: uuid.UUID, principal: CurrentPrincipal, state: State, control: Control) -> Response:
     require_sync_role(principal)
     stream = company_event_stream(state.runtime.engine, control.feed(), job_id, company_id=principal.company_id)
-    return await event_stream_response(stream)
+    return await event_stream_response(stream, slots=control.streams)
 

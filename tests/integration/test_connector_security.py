@@ -209,7 +209,8 @@ def test_the_cloud_metadata_address_is_rejected_at_company_add(stack: Runtime, c
     config = {"base_url": "http://169.254.169.254/",
               "resources": {"m": {"path": "/latest/meta-data", "primary_key": "id"}}}
     answer = client.post("/companies", json={"name": "m", "connector": "rest", "config": config}, headers=ADMIN)
-    assert answer.status_code == 422
+    assert answer.status_code == 403  # well formed, forbidden by the network policy
+    assert answer.json()["error"]["code"] == "upstream_refused"
     assert "base_url: 169.254.169.254 is a link-local address" in answer.json()["error"]["message"]
     added = cli(stack, "company", "add", "m", "--connector", "rest", "--config", f"{config}".replace("'", '"'))
     assert added.returncode == 2 and "169.254.169.254" in added.stderr and "Traceback" not in added.stderr

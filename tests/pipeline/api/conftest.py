@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,7 @@ class Api:
         return {"Authorization": f"Bearer {self.token(company_id, role, employee_id)}"}
 
 
-def start_api(settings: Settings, engine: Engine, store: BlobStore) -> Iterator[Api]:
+def start_api(settings: Settings, engine: Engine, store: BlobStore) -> Generator[Api, None, None]:
     runtime = Runtime(settings=settings, engine=engine, store=store)
     app = create_app(runtime)
     with TestClient(app) as client:
