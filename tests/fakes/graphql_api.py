@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import graphql
@@ -143,3 +144,61 @@ def _root_or_default(source: Any, info: graphql.GraphQLResolveInfo, **args: Any)
     if info.parent_type.name == "Query":
         return source[info.field_name](info, **args)
     return graphql.default_field_resolver(source, info, **args)
+
+
+PAGES_SCHEMA = graphql.build_schema("""
+type Query { pages(first: Int!, after: String): PageConnection! }
+type PageConnection { nodes: [PageRecord!]!, pageInfo: PageInfo! }
+type PageInfo { hasNextPage: Boolean!, endCursor: String }
+type PageRecord { id: Int!, p: Int!, v: Int! }
+""")
+
+
+class PagesApi(FakeUpstream):
+    """A GraphQL Relay connection serving fixed pages: ``pages(first, after)`` answers page
+    ``p`` of ``source()`` (``after`` is the cursor ``"p<p-1>"``; none for page 0), whatever
+    its size (``first`` is accepted, as the relay paginator sends it, but the page boundaries
+    are the source's). Model-based tests set ``source`` to what the upstream serves now."""
+
+    methods: ClassVar[frozenset[str]] = frozenset({"POST"})
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.source: Callable[[], Sequence[list[Record]]] = lambda: [[]]
+
+    def _resolve_pages(self, info: Any, first: int, after: str | None = None) -> dict[str, Any]:
+        page = 0
+        if after is not None:
+            if not after.startswith("p") or not after[1:].isdigit():
+                raise graphql.GraphQLError(f"`{after}` does not appear to be a valid cursor.")
+            page = int(after[1:]) + 1
+        pages = self.source()
+        if page >= len(pages):
+            raise graphql.GraphQLError(f"cursor `{after}` is past the last page ({len(pages)} pages)")
+        return {"nodes": list(pages[page]),
+                "pageInfo": {"hasNextPage": page + 1 < len(pages), "endCursor": f"p{page}"}}
+
+    def handle(self, method: str, path: str, params: dict[str, str], body: bytes, headers: dict[str, str]) -> Reply:
+        if path != "/graphql":
+            return Reply(404, {"errors": [{"message": f"No route {path}"}]})
+        try:
+            request = json.loads(body)
+        except ValueError:
+            raise BadRequest("the body is not JSON") from None
+        if not isinstance(request, dict) or not isinstance(request.get("query"), str):
+            raise BadRequest("the body must be an object with a 'query' string")
+        result = graphql.graphql_sync(PAGES_SCHEMA, request["query"], root_value={"pages": self._resolve_pages},
+                                      variable_values=request.get("variables"), field_resolver=_root_or_default)
+        return Reply(200, result.formatted)
+
+
+PAGES_QUERY = ("query($first: Int!, $after: String) "
+               "{ pages(first: $first, after: $after) { nodes { id p v } pageInfo { hasNextPage endCursor } } }")
+
+
+def pages_config(api: PagesApi, resource: str) -> dict[str, Any]:
+    """A ``graphql`` connector config reading ``api``'s pages as ``resource``, one page per chunk."""
+    return {"endpoint": f"{api.base_url}/graphql", "pages_per_chunk": 1,
+            "resources": {resource: {"query": PAGES_QUERY, "records": "data.pages.nodes", "primary_key": "id",
+                                     "paginator": {"type": "relay", "page_info": "data.pages.pageInfo"},
+                                     "transform": "identity"}}}

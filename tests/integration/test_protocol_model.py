@@ -12,17 +12,26 @@ task's lineage *committed* (a successful fenced save); a published document must
 those pages — a zombie's late write, a stale lineage or a lost part would show as a
 difference. Examples and steps: the ``ci`` profile (bounded) by default, ``--hypothesis-profile
 long`` for long runs.
+
+The machine runs once per upstream kind, with the same rules: ``scripted`` (the in-process
+test connector) and ``graphql`` (the real ``graphql`` connector resource — relay paginator, one
+page per chunk, HTTP client, SSRF guard with loopback allowlisted — against ``PagesApi``, a
+graphql-core fake on loopback). Every fetch a rule or a delivery makes goes through the
+company's connector, and the upstream serves the model's pages at the variant the model
+expects for that claim, so the exactness check holds for both kinds.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -34,7 +43,8 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import select, text
 
-from connectors.base import Record, ResourceSpec
+from connectors import registry
+from connectors.base import Chunk, FetchRequest, Record, ResourceSpec
 from errors import LeaseLost, PipelineError, TaskCancelled, VersionChanged
 from pipeline.attempt import Attempt
 from pipeline.cleanup import collect_garbage
@@ -42,10 +52,13 @@ from pipeline.control import InvalidJobState, cancel_job, retry_job
 from pipeline.execution import Outcome, RetryTask, _failed, finish, run_task
 from pipeline.jobs import claim_task
 from pipeline.models import DATASETS, JOBS, TASKS, Base
+from pipeline.oauth_tokens import token_store
 from pipeline.planning import plan_job
 from pipeline.runtime import Runtime
+from pipeline.secrets import unseal
 from pipeline.sweeper import sweep
 from tests.fakes import scripted
+from tests.fakes.graphql_api import PagesApi, pages_config
 from tests.fakes.scripted import Script, install
 from tests.invariants import check_job_counters
 
@@ -83,11 +96,14 @@ class Held:
     attempt: Attempt
     state: dict[str, Any]
     chunks: int
-    staged: tuple[str, int] | None = None  # (key, version) staged but not yet saved
+    staged: tuple[str, int, Any, bool] | None = None  # (key, version, cursor, done) staged but not yet saved
     versions: list[int] = field(default_factory=list)
 
 
-def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
+def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateMachine]:
+    """The machine on ``rt``; its upstream is ``upstream`` (a ``graphql`` resource) or, for
+    ``None``, the ``scripted`` connector."""
+
     class ProtocolModel(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
@@ -105,6 +121,8 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             self.jobs: list[uuid.UUID] = []
             self.tasks: list[int] = []
             self.broker = Broker()
+            # The variant the upstream serves now: set before each fetch to the claim's.
+            self.serving: Callable[[], int] = lambda: 0
 
         # --- setup ---------------------------------------------------------------------------
 
@@ -112,11 +130,20 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
         def setup(self, pages: int) -> None:
             self.pages = pages
             # What the upstream serves differs per attempt, so any part written by the wrong claim shows.
-            script = Script(pages=lambda request: [page_records(p, self._variant(request.attempt))
-                                                   for p in range(self.pages)])
+            def served() -> list[list[Record]]:
+                variant = self.serving()
+                return [page_records(p, variant) for p in range(self.pages)]
+
             from pipeline.companies import add_company
 
-            self.company = add_company(rt.engine, name="model", connector=scripted.NAME, config=install(script)).id
+            if upstream is None:
+                self.company = add_company(rt.engine, name="model", connector=scripted.NAME,
+                                           config=install(Script(pages=lambda request: served()))).id
+            else:
+                upstream.source = served
+                self.company = add_company(rt.engine, name="model", connector="graphql",
+                                           config=pages_config(upstream, scripted.RESOURCE),
+                                           context=rt.connector_context, secrets=rt.secrets).id
             self.spec = ResourceSpec(name=scripted.RESOURCE, primary_key="id", transform="identity")
             self._plan()
 
@@ -134,6 +161,27 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
         def _row(self, task: int) -> Any:
             with rt.engine.connect() as conn:
                 return conn.execute(select(TASKS).where(TASKS.c.id == task)).one()
+
+        def _fetch(self, held: Held) -> tuple[Chunk, int]:
+            """The next chunk of ``held``'s lineage through the company's connector, as ``run_task``
+            fetches it, and the variant served (the claim's attempt)."""
+            claim = held.attempt.claim
+            variant = self._variant(claim.attempts)
+            self.serving = lambda: variant
+            connector = registry.build(claim.connector, unseal(claim.connector_config, rt.secrets),
+                                       context=rt.connector_context, tokens=token_store(rt, claim.company_id))
+            try:
+                chunk = connector.fetch(FetchRequest(
+                    company_id=claim.company_id, external_id=claim.external_id, resource=claim.resource,
+                    partition=claim.partition, state=held.state.get("cursor"), attempt=claim.attempts))
+            finally:
+                connector.close()
+            assert [r["p"] for r in chunk.records] == [held.chunks] * size(held.chunks, variant)
+            return chunk, variant
+
+        def _delivery_variant(self, task: int) -> int:
+            """The variant a delivery of ``task`` is served: its claim's attempt, read at fetch time."""
+            return self._variant(self._row(task).attempts)
 
         def _drop(self, worker: int) -> None:
             self.held.pop(worker, None)
@@ -186,9 +234,8 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             worker = data.draw(st.sampled_from(sorted(
                 w for w, h in self.held.items() if h.staged is None and not h.state.get("done"))))
             held = self.held[worker]
-            variant = self._variant(held.attempt.claim.attempts)
-            key = held.attempt.stage(held.chunks, page_records(held.chunks, variant))
-            held.staged = (key, variant)
+            chunk, variant = self._fetch(held)
+            held.staged = (held.attempt.stage(held.chunks, chunk.records), variant, chunk.state, chunk.done)
 
         @precondition(lambda self: any(h.staged is None and not h.state.get("done") for h in self.held.values()))
         @rule(data=st.data())
@@ -199,8 +246,8 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
 
         def _fetch_chunk(self, worker: int) -> None:
             held = self.held[worker]
-            variant = self._variant(held.attempt.claim.attempts)
-            held.staged = (held.attempt.stage(held.chunks, page_records(held.chunks, variant)), variant)
+            chunk, variant = self._fetch(held)
+            held.staged = (held.attempt.stage(held.chunks, chunk.records), variant, chunk.state, chunk.done)
             self._save(worker)
 
         @precondition(lambda self: any(h.staged is not None for h in self.held.values()))
@@ -213,10 +260,11 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             STATS["steps"] += 1
             held = self.held[worker]
             assert held.staged is not None
-            key, version = held.staged
+            key, version, cursor, done = held.staged
+            assert done == (held.chunks + 1 >= self.pages)
             parts = [*held.state.get("parts", []), key]
             chunks = held.chunks + 1
-            state = {**held.state, "parts": parts, "cursor": {"page": chunks}, "done": chunks >= self.pages}
+            state = {**held.state, "parts": parts, "cursor": cursor, "done": done}
             try:
                 held.attempt.save(state, chunks)
             except (LeaseLost, TaskCancelled):
@@ -253,8 +301,9 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
             single = None
             versions = list(held.versions)
             if held.chunks == 0:  # one page: nothing staged
-                variant = self._variant(held.attempt.claim.attempts)
-                single, versions = page_records(0, variant), [variant]
+                chunk, variant = self._fetch(held)
+                assert chunk.done
+                single, versions = chunk.records, [variant]
             try:
                 finish(held.attempt, self.spec, held.state, held.chunks, single=single)
             except (LeaseLost, TaskCancelled):
@@ -375,11 +424,14 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
                     break
                 for task in open_tasks:
                     saved = self._row(task).chunks
+                    # A delivery's claim makes the next attempt: the upstream serves its variant.
+                    self.serving = functools.partial(self._delivery_variant, task)
                     try:
                         outcome = run_task(rt, task)
                     except RetryTask:
                         continue
                     if outcome is Outcome.COMPLETED:
+                        STATS["publishes"] += 1
                         resumed = self.committed[task][:saved]
                         variant = self._variant(self._row(task).attempts)
                         self.published = resumed + [variant] * (self.pages - len(resumed))
@@ -392,9 +444,25 @@ def make_machine(rt: Runtime) -> type[RuleBasedStateMachine]:
     return ProtocolModel
 
 
-def test_the_task_protocol_keeps_its_invariants_under_any_interleaving(stack: Runtime) -> None:
+@pytest.fixture(params=["scripted", "graphql"])
+def model_upstream(request: pytest.FixtureRequest) -> Iterator[PagesApi | None]:
+    """The upstream kind the machine syncs from: ``None`` for the ``scripted`` connector, or a
+    started ``PagesApi`` on loopback for a ``graphql`` resource (the stack allowlists loopback)."""
+    if request.param == "scripted":
+        yield None
+        return
+    with PagesApi() as api:
+        yield api
+
+
+def test_the_task_protocol_keeps_its_invariants_under_any_interleaving(
+    stack: Runtime, model_upstream: PagesApi | None
+) -> None:
     rt = Runtime(settings=stack.settings.model_copy(update={"max_attempts": MAX_ATTEMPTS, "lease_s": 600.0}),
                  engine=stack.engine, store=stack.store)
-    run_state_machine_as_test(make_machine(rt))
-    print(f"protocol model: {STATS}")
+    STATS.update(dict.fromkeys(STATS, 0))
+    run_state_machine_as_test(make_machine(rt, model_upstream))
+    kind = "scripted" if model_upstream is None else f"graphql, {len(model_upstream.requests)} upstream requests"
+    print(f"protocol model ({kind}): {STATS}")
+    assert STATS["publishes"] > 0, "no example published"
 
