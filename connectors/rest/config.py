@@ -358,7 +358,7 @@ class DetailsConfig(_Model):
     join: str = Field(min_length=1, max_length=200)
     list_id: DottedPath | None = None
     separator: str = Field(default=",", min_length=1, max_length=5)
-    params: dict[ParamName, ParamValue] = Field(default_factory=dict, json_schema_extra=_PARAMS_SCHEMA)
+    params: dict[ParamName, ParamValue] = Field(default_factory=dict)  # not templates: sent as written
 
     @field_validator("path")
     @classmethod

@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from pipeline.api import create_app
+from pipeline.api.control import ControlState
 from pipeline.companies import add_company
+from pipeline.control import cancel_job
 from pipeline.planning import plan_job
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
@@ -74,30 +76,32 @@ def served(app: FastAPI) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def test_event_streams_beyond_the_cap_get_503_with_retry_after_and_a_closed_one_frees_its_slot(
+def test_event_streams_beyond_the_cap_get_503_with_retry_after_and_an_ended_one_frees_its_slot(
     limited_api: Api,
 ) -> None:
     company = add_company(limited_api.engine, name="streams", connector="synthetic", config={"days_ahead": 1})
     planned = plan_job(limited_api.engine, None, trigger="api", company_ids=[company.id])  # queued, never run
     assert planned is not None
-    app = create_app(Runtime(settings=limited_api.settings, engine=limited_api.engine, store=limited_api.store))
+    cancel_job(limited_api.engine, job_id=planned.job_id)  # finished: its stream is a snapshot and an end
+    runtime = Runtime(settings=limited_api.settings, engine=limited_api.engine, store=limited_api.store)
+    app = create_app(runtime)
+    app.state.control = ControlState(runtime)
+    slots = app.state.control.streams
     events = f"/sync/jobs/{planned.job_id}/events"
     with served(app) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=30) as client:
-        with client.stream("GET", events) as first:
-            assert first.status_code == 200
-            assert next(first.iter_lines()).startswith("id: 1")  # the snapshot: the stream is open
-            refused = client.get(events)
-            assert refused.status_code == 503 and error_code(refused) == "too_many_streams"
+        taken = slots.acquire()  # the one slot of this process, as an open stream holds it
+        with client.stream("GET", events) as refused:  # headers only: a 200 here would not end soon
+            assert refused.status_code == 503, refused.headers
+            refused.read()
+            assert error_code(refused) == "too_many_streams"
             assert refused.headers["retry-after"].isdigit()
-        # The first stream is closed by the client: its slot comes back.
-        def reopened() -> bool:
-            with client.stream("GET", events) as again:
-                if again.status_code == 503:
-                    return False
-                assert again.status_code == 200
-                return True
-
-        wait_for(reopened, timeout=30, what="the closed stream's slot to be released")
+        taken()
+        with client.stream("GET", events) as served_stream:
+            assert served_stream.status_code == 200
+            lines = list(served_stream.iter_lines())
+        assert any(line == "event: end" for line in lines), lines
+        wait_for(lambda: slots.open == 0, timeout=30, what="the ended stream's slot to be released")
+        assert client.get(events).status_code == 200  # and it can be taken again
 
 
 def test_the_partition_listing_is_paged_with_after_and_a_next_link(api: Api) -> None:
