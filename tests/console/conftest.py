@@ -55,7 +55,7 @@ def console(stack: Runtime, actors: Actors, worker: dramatiq.Worker) -> Iterator
         yield Console(base, rt, app)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip("headless Chromium is not installed: apt-get install -y chromium chromium-driver")
