@@ -59,10 +59,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-TOKEN_URL_PATTERN = r"^https?://[^ #]*$"
-"""``_check_token_url`` as a JSON Schema pattern, so the OpenAPI document states what is accepted."""
-
-
 def _check_token_url(value: str) -> str:
     if not value.startswith(("https://", "http://")) or any(c in value for c in " #"):
         raise ValueError("must be an http:// or https:// URL without fragment")
@@ -73,7 +69,7 @@ class OAuth2ClientCredentials(_Model):
     """RFC 6749 §4.4: the connector authenticates as itself."""
 
     type: Literal["oauth2_client_credentials"]
-    token_url: str = Field(max_length=2_000, pattern=TOKEN_URL_PATTERN)
+    token_url: str = Field(max_length=2_000)
     client_id: ClientId
     client_secret: Secret
     scope: Scope | None = None
@@ -86,7 +82,7 @@ class OAuth2RefreshToken(_Model):
     """RFC 6749 §6: a user's grant, refreshed (and, at most providers, rotated) on every refresh."""
 
     type: Literal["oauth2_refresh_token"]
-    token_url: str = Field(max_length=2_000, pattern=TOKEN_URL_PATTERN)
+    token_url: str = Field(max_length=2_000)
     client_id: ClientId
     client_secret: Secret | None = None
     refresh_token: Secret
