@@ -60,8 +60,8 @@ def test_rabbitmq_restart_mid_run_loses_no_task_and_no_publish(make_harness: Any
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open regression: in the clean-clone CI run of 2026-12-01 every task completed but one message was "
-    "dead-lettered on the -high queue (XQ) after the PostgreSQL restart; not yet diagnosed, see the closing note",
+    reason="open regression: in the clean-clone CI run of 2026-12-01 the invariant check found one message "
+    "left dead-lettered on the -high queue (XQ) after the PostgreSQL restart; not yet diagnosed, see the closing note",
 )
 @pytest.mark.parametrize("size", SIZES)
 def test_postgres_restart_mid_run_loses_and_doubles_nothing(make_harness: Any, size: Size) -> None:
