@@ -5,14 +5,18 @@ world except through its :class:`Attempt`. Staged parts are named after the clai
 a worker that lost its lease can only write parts nobody reads; the part list lives in
 ``fetch_state`` and is written by the fenced save, so assembly reads exactly the parts its own
 lineage recorded (defect 1). Long phases (merge, upload) call :meth:`Attempt.heartbeat`, which
-renews the lease under the fence (defect 5); rate-limit waits and HTTP requests are bounded by
+renews the lease under the fence, and run inside :meth:`Attempt.keeping_lease`, which renews it
+from a timer while one blocking call (a single PUT over a slow link) lasts longer (defect 5);
+rate-limit waits and HTTP requests are bounded by
 :attr:`Attempt.deadline` (defect 8).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -72,7 +76,8 @@ class Attempt:
         """Stage one chunk under this claim's token; returns the part's key (to record in the
         part list by :meth:`save`)."""
         key = staging_key(self.claim.task_id, self.claim.token, index)
-        stage_chunk(self.rt.store, key, records)
+        with self.keeping_lease():  # one PUT may outlast the lease on a slow link
+            stage_chunk(self.rt.store, key, records)
         return key
 
     def save(self, fetch_state: dict[str, Any], chunks: int) -> None:
@@ -88,7 +93,7 @@ class Attempt:
             DeadlineExceeded: the attempt ran past its budget for the final phase.
         """
         now = time.monotonic()
-        if now - self._renewed < self.lease_s / 3:
+        if now - self._renewed < self.lease_s / 3 - 0.01:
             return
         if now >= self.finish_by:
             raise DeadlineExceeded(
@@ -97,6 +102,34 @@ class Attempt:
         renew_lease(self.rt.engine, self.claim, lease_s=self.lease_s)
         self._renewed = now
         self.renewals += 1
+
+    @contextmanager
+    def keeping_lease(self) -> Iterator[None]:
+        """Renew the lease every third of it from a timer thread while the block runs, so one
+        blocking call (a PUT of a whole document over a slow link) cannot outlast it. The timer
+        stops at :attr:`finish_by`, so a block that hangs still loses its lease in bounded time;
+        a renewal the fence refuses stops the timer and is raised when the block ends (unless the
+        block raised first: the fenced publish then reports the loss itself)."""
+        done = threading.Event()
+        refused: list[BaseException] = []
+
+        def keep() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    self.heartbeat()
+                except Exception as exc:  # LeaseLost, TaskCancelled, DeadlineExceeded, an outage
+                    refused.append(exc)
+                    return
+
+        timer = threading.Thread(target=keep, name=f"lease-{self.claim.task_id}", daemon=True)
+        timer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            timer.join()
+        if refused:
+            raise refused[0]
 
     def beating(self, items: Iterable[T]) -> Iterator[T]:
         """``items``, with a heartbeat every ``HEARTBEAT_EVERY`` of them (a long merge)."""

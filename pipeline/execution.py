@@ -269,30 +269,31 @@ def finish(
     parts: list[str] = list(state.get("parts", [legacy_staging_key(claim.task_id, i) for i in range(chunks)]))
     runs = SortedRuns(spec.primary_key)
     document = raw = None
-    try:
-        if base_key is not None:
-            runs.add_sorted(partial(_read_records, rt, base_key))
-        if single is not None:
-            runs.add(single, spill=False)
-        else:
-            if len(parts) != chunks:
-                raise PipelineError(f"task {claim.task_id}: {chunks} chunks saved but {len(parts)} parts recorded",
-                                    kind=FailureKind.RETRYABLE)
-            for key in parts:
-                runs.add(attempt.beating(staged_part(rt.store, key)))
-        bookmark = _Bookmark(spec.incremental_field)
-        document = render_document(transform, claim.company_id, claim.resource, claim.partition,
-                                   lambda: bookmark.track(attempt.beating(runs.merged())))
-        if spec.incremental_field:
-            raw = write_ndjson(attempt.beating(runs.merged()))
-        publish(rt, claim, document, chunks=max(chunks, 1), raw_records=raw,
-                bookmark=_storable(bookmark.value, "bookmark"), expected_checksum=state.get("base"),
-                check_version="base" in state, reader=attempt.reader)
-    finally:
-        runs.close()
-        for spooled in (document, raw):
-            if spooled is not None:
-                spooled.close()
+    with attempt.keeping_lease():
+        try:
+            if base_key is not None:
+                runs.add_sorted(partial(_read_records, rt, base_key))
+            if single is not None:
+                runs.add(single, spill=False)
+            else:
+                if len(parts) != chunks:
+                    raise PipelineError(f"task {claim.task_id}: {chunks} chunks saved but {len(parts)} parts recorded",
+                                        kind=FailureKind.RETRYABLE)
+                for key in parts:
+                    runs.add(attempt.beating(staged_part(rt.store, key)))
+            bookmark = _Bookmark(spec.incremental_field)
+            document = render_document(transform, claim.company_id, claim.resource, claim.partition,
+                                       lambda: bookmark.track(attempt.beating(runs.merged())))
+            if spec.incremental_field:
+                raw = write_ndjson(attempt.beating(runs.merged()))
+            publish(rt, claim, document, chunks=max(chunks, 1), raw_records=raw,
+                    bookmark=_storable(bookmark.value, "bookmark"), expected_checksum=state.get("base"),
+                    check_version="base" in state, reader=attempt.reader)
+        finally:
+            runs.close()
+            for spooled in (document, raw):
+                if spooled is not None:
+                    spooled.close()
     if chunks:
         remove_staging(rt.store, claim.task_id)
 

@@ -109,10 +109,12 @@ def rest_schedule_config(api: ScheduleApi, *, page_size: int, days_ahead: int) -
 class TcpProxy:
     """Forwards ``127.0.0.1:port`` to ``target``. ``cut()`` closes every open connection and stops
     listening (callers get "connection refused", as from a service that is down); ``restore()``
-    listens on the same port again."""
+    listens on the same port again. ``upload_bytes_per_s``, when set, caps what flows from the
+    client to the target (a slow link: a fault that makes an upload last at least size / rate)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
+        self.upload_bytes_per_s: float | None = None
         self.port = 0
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
@@ -169,13 +171,16 @@ class TcpProxy:
             with self._lock:
                 self._open.update((client, upstream))
                 self.connections += 1
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, upload in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, upload), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
         try:
-            while data := src.recv(65536):
+            while data := src.recv(16384):
                 dst.sendall(data)
+                rate = self.upload_bytes_per_s if upload else None
+                if rate:
+                    time.sleep(len(data) / rate)  # the link's bandwidth, not a wait on a condition
         except OSError:
             pass
         finally:
