@@ -213,6 +213,7 @@ def test_a_final_assembly_longer_than_the_lease_renews_it_and_no_other_claim_get
     lease_s, per_page, pages_n = 3.0, 10_000, 4
     pages = [records(i * per_page, (i + 1) * per_page, pad="x" * 40) for i in range(pages_n)]
     document_bytes = len(orjson.dumps([r for page in pages for r in page]))
+    assert stack.settings.s3_endpoint is not None
     host, port = stack.settings.s3_endpoint.rsplit(":", 1)
     proxy = TcpProxy(host, int(port)).start()
     slow = Runtime.from_settings(make_settings(lease_s=lease_s, task_time_budget_s=120, s3_endpoint=proxy.endpoint))
