@@ -20,7 +20,7 @@ from datetime import date, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors import registry
@@ -33,6 +33,9 @@ from pipeline.models import JOBS, MODES, PRIORITIES, TASKS, TRIGGERS, Company, u
 from pipeline.secrets import redact
 
 OPEN = ("pending", "processing")
+# Serialises "read the open partitions, insert the new tasks" across planners (PostgreSQL), so two
+# jobs planned at once cannot both miss each other's open task (pg_advisory_xact_lock key text).
+PLAN_LOCK = "pipeline:plan-open-tasks"
 # How many skipped partitions or companies a job's log names one by one.
 LOG_NAMES = 20
 
@@ -185,11 +188,18 @@ def _validate_scope(conn: Connection, scope: _Scope) -> None:
         _check_resources(set(scope.resources), offered)
 
 
-def _plan_rows(conn: Connection, scope: _Scope, today: date, *, skip_open: bool) -> _Rows:
-    """The (company, resource, partition) rows of ``scope``; ``skip_open`` (scheduled jobs) leaves
-    out partitions that still have an open task in another job."""
+def _plan_rows(conn: Connection, scope: _Scope, today: date) -> _Rows:
+    """The (company, resource, partition) rows of ``scope``, leaving out partitions that still
+    have an open task in another job (whatever triggered either job: defect 7).
+
+    On PostgreSQL this takes ``PLAN_LOCK`` until the caller's transaction ends, so the open
+    tasks it reads include every other plan's, committed before it (planners run one at a time;
+    a plan is one short transaction).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
     companies = _scope_companies(conn, scope.company_ids)
-    busy = _open_partitions(conn, [company.id for company in companies]) if skip_open else set()
+    busy = _open_partitions(conn, [company.id for company in companies])
     skipped: list[tuple[int, str, str]] = []
     broken: list[tuple[int, str]] = []
     rows: list[tuple[int, str, str]] = []
@@ -245,9 +255,12 @@ def _log_skips(conn: Connection, job_id: uuid.UUID, planned: _Rows) -> None:
     if skipped:
         names = ", ".join(f"{c}/{r}/{p}" for c, r, p in skipped[:LOG_NAMES])
         more = f" and {len(skipped) - LOG_NAMES} more" if len(skipped) > LOG_NAMES else ""
+        everything = " (every partition in scope: nothing left to do, the job ends now)" if not planned.rows else ""
         log(conn, job_id, None, "warning",
-            f"skipped {len(skipped)} partition(s) that already have an open task in another job: {names}{more}",
-            {"event": "skipped_open_partitions", "count": len(skipped)})
+            f"skipped {len(skipped)} partition(s) that already have an open task in another job{everything}: "
+            f"{names}{more}",
+            {"event": "skipped_open_partitions", "count": len(skipped),
+             "partitions": [f"{c}/{r}/{p}" for c, r, p in skipped[:LOG_NAMES]]})
     for company_id, problem in broken[:LOG_NAMES]:
         log(conn, job_id, None, "error",
             f"company {company_id} skipped: its connector config is invalid: {problem}",
@@ -304,11 +317,15 @@ def plan_job(
         priority: "high" or "normal"; defaults to high for people (api, cli), normal for the schedule.
         tick_key: unique per scheduler tick, so two schedulers plan one job per tick.
 
-    A scheduled job gives a partition that already has an open task (pending or processing,
-    in any job) no second one: two open tasks of one partition would both publish (defect 7).
-    The job's log says which were skipped. Where two open tasks of one partition still meet
-    (a person's sync overlapping a tick), publishing compare-and-swaps on the version the
-    lineage started from, so stale data never lands on top of newer data. When planning
+    A job, whatever its trigger (schedule, ``POST /sync``, ``pipeline sync``), gives a partition
+    that already has an open task (pending or processing, in any job) no second one: two open
+    tasks of one partition would both publish, the last commit winning whatever its data's age
+    (defect 7). The open task is left to finish (skipped, not superseded: it may be far along,
+    and it fetches the upstream as it is now). The job's log names the skipped partitions and
+    counts them; a job whose every partition was skipped is completed at once with no task.
+    Where two open tasks of one partition still meet (``retry_job`` reopening a failed task
+    while a newer job's task is open), publishing compare-and-swaps on the version the lineage
+    started from, so stale data never lands on top of newer data. When planning
     every company, one whose stored config no longer validates is skipped and named in the
     log instead of aborting the job for every tenant (defect 11). The same holds for the
     coordinator (``coordinate_job``).
@@ -323,7 +340,7 @@ def plan_job(
     job_id = uuid.uuid4()
     now = utcnow()
     with engine.begin() as conn:
-        planned = _plan_rows(conn, scope, today or now.date(), skip_open=trigger == "schedule")
+        planned = _plan_rows(conn, scope, today or now.date())
         values = {"id": job_id, "trigger": trigger, "mode": mode, "priority": priority, "status": "pending",
                   "scope": scope.as_json(), "total_tasks": 0, "created_at": now}
         if not _insert_job(conn, values, tick_key):
@@ -387,8 +404,7 @@ def coordinate_job(engine: Engine, dispatcher: Dispatcher | None, job_id: uuid.U
         if job.planned_at is not None:
             return None
         try:
-            planned = _plan_rows(conn, _Scope.from_json(job.scope), today or now.date(),
-                                 skip_open=job.trigger == "schedule")
+            planned = _plan_rows(conn, _Scope.from_json(job.scope), today or now.date())
         except (ConfigError, NotFound) as exc:
             conn.execute(JOBS.update().where(JOBS.c.id == job_id).values(
                 status="failed", planned_at=now, completed_at=now, error_message=f"planning failed: {exc}"))

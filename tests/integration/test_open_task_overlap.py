@@ -1,0 +1,134 @@
+"""Issue 11, defect 7: at most one open task per partition, whatever triggered the jobs.
+
+A person's sync (``POST /sync``, ``pipeline sync``: trigger ``api`` / ``cli``, planned by the
+coordinator) and the scheduler's ticks all skip a partition that already has a pending or
+processing task in another job, and say so in the new job's log; a job whose every partition
+was skipped ends at once. Two planners at the same moment are serialised, so neither misses the
+other's task. On real PostgreSQL; the upstream is scripted (tests/fakes/scripted.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import select, text
+
+from pipeline.execution import Outcome, run_task
+from pipeline.models import JOB_LOG, JOBS, TASKS
+from pipeline.planning import PLAN_LOCK, PlannedJob, coordinate_job, create_job, plan_job
+from pipeline.runtime import Runtime
+from tests.fakes import scripted
+from tests.fakes.scripted import Script, fixed, install
+from tests.invariants import check_job_counters
+from tests.services import wait_for
+
+scripted.register()
+
+
+def add_company(rt: Runtime, name: str = "c", partitions: list[str] | None = None) -> int:
+    from pipeline.companies import add_company as add
+
+    script = Script(pages=fixed([[{"id": 1, "v": "a"}, {"id": 2, "v": "b"}]]), partitions=partitions or ["all"])
+    return add(rt.engine, name=name, connector=scripted.NAME, config=install(script)).id
+
+
+def job(rt: Runtime, job_id: uuid.UUID) -> Any:
+    with rt.engine.connect() as conn:
+        return conn.execute(select(JOBS).where(JOBS.c.id == job_id)).one()
+
+
+def skip_entries(rt: Runtime, job_id: uuid.UUID) -> list[Any]:
+    with rt.engine.connect() as conn:
+        rows = conn.execute(select(JOB_LOG).where(JOB_LOG.c.job_id == job_id).order_by(JOB_LOG.c.id)).all()
+    return [row for row in rows if (row.data or {}).get("event") == "skipped_open_partitions"]
+
+
+def open_tasks_per_partition(rt: Runtime) -> Counter[tuple[int, str, str]]:
+    with rt.engine.connect() as conn:
+        rows = conn.execute(select(TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key)
+                            .where(TASKS.c.status.in_(("pending", "processing")))).all()
+    return Counter((row.company_id, row.resource, row.partition_key) for row in rows)
+
+
+def people_sync(rt: Runtime, company: int, trigger: str = "api") -> PlannedJob | None:
+    """What ``POST /sync`` (``api``) and ``pipeline sync`` (``cli``) do: submit, then the coordinator plans."""
+    with rt.engine.begin() as conn:
+        submitted = create_job(conn, trigger=trigger, company_ids=[company])
+    assert submitted is not None
+    return coordinate_job(rt.engine, None, submitted.job_id)
+
+
+def test_a_persons_sync_skips_a_partition_a_scheduled_task_still_has_open_and_ends_at_once(stack: Runtime) -> None:
+    company = add_company(stack)
+    tick = plan_job(stack.engine, None, trigger="schedule", tick_key=f"t{uuid.uuid4().hex}")
+    assert tick is not None and tick.total_tasks == 1
+    for trigger in ("api", "cli"):
+        planned = people_sync(stack, company, trigger)
+        assert planned is not None and planned.task_ids == [] and planned.skipped_open == 1
+        row = job(stack, planned.job_id)
+        assert row.status == "completed" and row.total_tasks == 0 and row.completed_at is not None, (
+            "a job whose every partition was skipped must end, not wait")
+        check_job_counters(stack.engine, planned.job_id)
+        (entry,) = skip_entries(stack, planned.job_id)
+        assert entry.level == "warning"
+        assert entry.message.startswith("skipped 1 partition(s) that already have an open task in another job "
+                                        "(every partition in scope: nothing left to do, the job ends now)")
+        assert entry.data["count"] == 1 and entry.data["partitions"] == [f"{company}/{scripted.RESOURCE}/all"]
+    assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "all"): 1}
+    # Once the open task ends, the next sync plans the partition again.
+    assert run_task(stack, tick.task_ids[0]) is Outcome.COMPLETED
+    again = people_sync(stack, company)
+    assert again is not None and again.total_tasks == 1 and again.skipped_open == 0
+    assert skip_entries(stack, again.job_id) == []
+
+
+def test_a_tick_skips_a_partition_a_persons_sync_has_open_and_plans_the_others(stack: Runtime) -> None:
+    company = add_company(stack, partitions=["a", "b", "c"])
+    first = plan_job(stack.engine, None, trigger="api", company_ids=[company], partitions=["b"])
+    assert first is not None and first.total_tasks == 1
+    tick = plan_job(stack.engine, None, trigger="schedule", tick_key=f"t{uuid.uuid4().hex}")
+    assert tick is not None and tick.total_tasks == 2 and tick.skipped_open == 1
+    with stack.engine.connect() as conn:
+        planned = sorted(conn.execute(select(TASKS.c.partition_key).where(TASKS.c.job_id == tick.job_id)).scalars())
+    assert planned == ["a", "c"]
+    (entry,) = skip_entries(stack, tick.job_id)
+    assert "nothing left to do" not in entry.message and f"{company}/{scripted.RESOURCE}/b" in entry.message
+    assert job(stack, tick.job_id).status == "pending"
+    assert set(open_tasks_per_partition(stack).values()) == {1}
+
+
+def test_two_plans_at_the_same_moment_give_a_partition_one_open_task(stack: Runtime) -> None:
+    company = add_company(stack, partitions=["a", "b"])
+    results: list[PlannedJob | None] = []
+    errors: list[BaseException] = []
+
+    def plan() -> None:
+        try:
+            results.append(people_sync(stack, company))
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Hold the planning lock so both planners are inside planning at once, waiting on it.
+    with stack.engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
+        threads = [threading.Thread(target=plan) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+
+        def waiting() -> int:
+            return int(holder.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND objid = (hashtextextended(:key, 0) & x'ffffffff'::bigint)::oid"), {"key": PLAN_LOCK}).scalar_one())
+
+        wait_for(lambda: waiting() == 2, timeout=30, what="both planners to wait on the planning lock")
+        holder.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
+        holder.commit()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert sorted(planned.total_tasks for planned in results if planned is not None) == [0, 2]
+    assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "a"): 1,
+                                               (company, scripted.RESOURCE, "b"): 1}
