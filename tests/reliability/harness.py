@@ -107,13 +107,14 @@ def rest_schedule_config(api: ScheduleApi, *, page_size: int, days_ahead: int) -
 
 
 class TcpProxy:
-    """Forwards ``127.0.0.1:port`` to ``target``. ``cut()`` closes every open connection and stops
+    """Forwards ``bind_host:port`` (loopback by default) to ``target``. ``cut()`` closes every open connection and stops
     listening (callers get "connection refused", as from a service that is down); ``restore()``
     listens on the same port again. ``upload_bytes_per_s``, when set, caps what flows from the
     client to the target (a slow link: a fault that makes an upload last at least size / rate)."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, bind_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
+        self.bind_host = bind_host
         self.upload_bytes_per_s: float | None = None
         self.port = 0
         self._listener: socket.socket | None = None
@@ -123,12 +124,12 @@ class TcpProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind_host}:{self.port}"
 
     def start(self) -> TcpProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind((self.bind_host, self.port))
         listener.listen(256)
         listener.settimeout(0.1)
         self.port = listener.getsockname()[1]
