@@ -10,8 +10,15 @@ The upstream serves pages ``0..N-1``; page ``p`` at upstream version ``v`` has `
 records, each tagged with ``p`` and ``v``. The model remembers which version of each page a
 task's lineage *committed* (a successful fenced save); a published document must be exactly
 those pages — a zombie's late write, a stale lineage or a lost part would show as a
-difference. Examples and steps: the ``ci`` profile (bounded) by default, ``--hypothesis-profile
-long`` for long runs.
+difference. A frozen worker whose lease a rival took (``rival_reclaims``) may wake up later
+(``stalled_worker_resumes_late``) or right after the rival staged the same indexes
+(``overtaken_worker_resumes``, always enabled): with defect 1's fix reverted (token-less staging
+keys, assembly by index) the ci run fails within 3–14 examples (12 runs of 12). Every publish
+must replace the version its lineage started from (``_published_by``): with the compare-and-swap
+removed, ``retry_overlaps_a_newer_job`` exposes it in about one run in three (the interleaving
+needs two lineages and an operator; the regression test in test_protocol.py pins it).
+Examples and steps: the ``ci`` profile (60 examples of up to 40 steps per upstream kind, no
+shrinking; about 30 s for the file) by default, ``--hypothesis-profile long`` for long runs.
 
 The machine runs once per upstream kind, with the same rules: ``scripted`` (the in-process
 test connector) and ``graphql`` (the real ``graphql`` connector resource — relay paginator, one
@@ -122,6 +129,9 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
             self.committed: dict[int, list[int]] = {}  # task -> versions of the pages its lineage saved
             self.published: list[int] | None = None  # page versions of the current document
             self.jobs: list[uuid.UUID] = []
+            # The partition's version (checksum) when each task's lineage started, and now.
+            self.base: dict[int, str | None] = {}
+            self.current: str | None = None
             self.tasks: list[int] = []
             self.broker = Broker()
             # The variant the upstream serves now: set before each fetch to the claim's.
@@ -186,6 +196,17 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
             """The variant a delivery of ``task`` is served: its claim's attempt, read at fetch time."""
             return self._variant(self._row(task).attempts)
 
+        def _published_by(self, task: int) -> None:
+            """``task`` has just published: the version it replaced must be the one its lineage
+            started from (or its own content). Stale data never lands on newer data (defect 7)."""
+            STATS["publishes"] += 1
+            with rt.engine.connect() as conn:
+                checksum = conn.execute(select(DATASETS.c.checksum_sha256)).scalar_one()
+            assert self.current in (self.base.get(task), checksum), (
+                f"task {task} published over version {self.current}, published after its lineage "
+                f"started from {self.base.get(task)}: stale data over newer")
+            self.current = checksum
+
         def _drop(self, worker: int) -> None:
             self.held.pop(worker, None)
 
@@ -228,6 +249,7 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
             if "base" not in state and claim.chunks == 0:
                 state["base"] = claim.base_checksum
             if claim.chunks == 0:
+                self.base[task] = self.current
                 self.committed[task] = []
             self.held[worker] = Held(Attempt.start(rt, claim), state, claim.chunks,
                                      versions=list(self.committed[task][:claim.chunks]))
@@ -412,7 +434,7 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
                     self.committed[held.attempt.claim.task_id] = []
                 self._refused(worker)
                 return
-            STATS["publishes"] += 1
+            self._published_by(held.attempt.claim.task_id)
             self.published = versions
             self._drop(worker)
 
@@ -463,6 +485,25 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
             for task in self.tasks:
                 if self._row(task).fetch_state is None:
                     self.committed[task] = []
+
+        @precondition(lambda self: len(self.tasks) < 2)
+        @rule()
+        def retry_overlaps_a_newer_job(self) -> None:
+            """An operator cancels the first job, a person syncs the partition again (a second job,
+            planned since no task is open), then the operator retries the first job while the
+            second's task is open: the one way two open tasks of a partition still meet. Whichever
+            lineage started first must not publish over the other's version (compare-and-swap)."""
+            STATS["steps"] += 1
+            try:
+                cancel_job(rt.engine, job_id=self.jobs[0], requested_by="model")
+            except InvalidJobState:
+                pass
+            self._plan()
+            try:
+                retry_job(rt.engine, self.broker, job_id=self.jobs[0], requested_by="model")
+            except InvalidJobState:
+                return
+            self.committed[self.tasks[0]] = []
 
         @rule(overlapping_job=st.booleans())
         def world_changes(self, overlapping_job: bool) -> None:
@@ -554,6 +595,8 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
                     break
                 for task in open_tasks:
                     saved = self._row(task).chunks
+                    if saved == 0:  # this delivery starts the lineage
+                        self.base[task] = self.current
                     # A delivery's claim makes the next attempt: the upstream serves its variant.
                     self.serving = functools.partial(self._delivery_variant, task)
                     try:
@@ -561,7 +604,7 @@ def make_machine(rt: Runtime, upstream: PagesApi | None) -> type[RuleBasedStateM
                     except RetryTask:
                         continue
                     if outcome is Outcome.COMPLETED:
-                        STATS["publishes"] += 1
+                        self._published_by(task)
                         resumed = self.committed[task][:saved]
                         variant = self._variant(self._row(task).attempts)
                         self.published = resumed + [variant] * (self.pages - len(resumed))
