@@ -154,11 +154,11 @@ def test_non_retryable_upstream_error_fails_at_once(
 def test_concurrent_finishers_count_every_task_exactly_once(
     stack: Runtime, actors: Actors, worker: dramatiq.Worker
 ) -> None:
-    for index in range(4):
-        add_synthetic(stack, f"c{index}", jobs_per_day=2, days_ahead=7, employees=3)
+    companies = [add_synthetic(stack, f"c{index}", jobs_per_day=2, days_ahead=7, employees=3) for index in range(8)]
     jobs = []
-    threads = [threading.Thread(target=lambda: jobs.append(plan_job(stack.engine, actors, trigger="api")))
-               for _ in range(2)]
+    # Two jobs at once over different companies (a partition with an open task gets no second one).
+    threads = [threading.Thread(target=lambda half=half: jobs.append(
+        plan_job(stack.engine, actors, trigger="api", company_ids=companies[half::2]))) for half in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
