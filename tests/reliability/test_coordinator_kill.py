@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from sqlalchemy import Connection, func, select, text
 
 from pipeline.control import submit_job
 from pipeline.models import JOBS, TASKS
-from tests.reliability.harness import CI, TINY, Harness
+from tests.reliability.harness import SIZES, TINY, Harness, Size
 from tests.services import wait_for
 
 PAUSE_KEY = 0x434F_4F52_4B49_4C4C  # "COORKILL": the advisory lock the coordinator waits on mid-plan
@@ -78,12 +79,13 @@ def job_row(h: Harness, job_id: uuid.UUID) -> Any:
         return conn.execute(select(JOBS).where(JOBS.c.id == job_id)).one()
 
 
+@pytest.mark.parametrize("size", SIZES)
 def test_a_coordinator_worker_killed_mid_plan_ends_with_one_job_and_no_task_planned_twice(
-    make_harness: Any,
+    make_harness: Any, size: Size
 ) -> None:
-    h: Harness = make_harness(CI)
-    h.add_companies(CI.companies, TINY)
-    expected = CI.tasks
+    h: Harness = make_harness(size)
+    h.add_companies(size.companies, TINY)
+    expected = size.tasks
 
     with plans_held_mid_way(h) as holder:
         submitted = submit_job(h.engine, h.actors, trigger="api", max_unfinished=5)
