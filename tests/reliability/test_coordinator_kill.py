@@ -1,12 +1,13 @@
 """A coordinator worker SIGKILLed mid-plan: the plan is retried into one job, no task planned twice.
 
-The kill has to land while the coordinator holds the plan open: after it locked the job row and
-wrote the tasks, before it committed. Instead of hoping that a kill sent "soon" lands in that
-window (which depends on how fast the machine plans), the test holds the plan there: a
-statement-level trigger on ``sync_tasks`` takes an advisory lock the test holds, so the
-coordinator's COPY, once it has written every task row, waits inside its transaction until the
-test lets go. The test sees it waiting in ``pg_stat_activity``, SIGKILLs the ``pipeline worker``
-process group, and only then releases the lock. The waiting time is the test's, not the machine's.
+The kill has to land while the coordinator holds the plan open: after it locked the job row,
+wrote every task and marked the job planned, before it committed. Instead of hoping that a kill
+sent "soon" lands in that window (which depends on how fast the machine plans), the test holds
+the plan there: a trigger on the job's ``planned_at`` being set takes an advisory lock the test
+holds, so the coordinator's last write waits inside its transaction until the test lets go. The
+test sees it waiting in ``pg_stat_activity``, SIGKILLs the ``pipeline worker`` process group, and
+only then releases the lock. The waiting time is the test's, not the machine's; and since the
+pause is at the plan's last write, a plan that committed any part of itself earlier shows.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ BEGIN
     PERFORM pg_advisory_xact_lock({PAUSE_KEY});
     RETURN NULL;
 END $$;
-CREATE TRIGGER test_pause_mid_plan AFTER INSERT ON sync_tasks
-    FOR EACH STATEMENT EXECUTE FUNCTION test_pause_mid_plan();
+CREATE TRIGGER test_pause_mid_plan AFTER UPDATE OF planned_at ON sync_jobs FOR EACH ROW
+    WHEN (OLD.planned_at IS NULL AND NEW.planned_at IS NOT NULL) EXECUTE FUNCTION test_pause_mid_plan();
 """
-UNPAUSE_SQL = "DROP TRIGGER IF EXISTS test_pause_mid_plan ON sync_tasks; DROP FUNCTION IF EXISTS test_pause_mid_plan()"
-# The coordinator's session, between its COPY of every task row and its commit.
+UNPAUSE_SQL = "DROP TRIGGER IF EXISTS test_pause_mid_plan ON sync_jobs; DROP FUNCTION IF EXISTS test_pause_mid_plan()"
+# The coordinator's session, between marking the job planned (its last write) and its commit.
 WAITING_MID_PLAN = text(
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-    "AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND query LIKE 'COPY sync_tasks%'")
+    "AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND query LIKE 'UPDATE sync_jobs%'")
 # Any other session of this database inside a transaction that wrote or locked a row.
 WRITING = text(
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
@@ -91,8 +92,9 @@ def test_a_coordinator_worker_killed_mid_plan_ends_with_one_job_and_no_task_plan
         submitted = submit_job(h.engine, h.actors, trigger="api", max_unfinished=5)
         [coordinator] = h.start_workers(1)
         wait_for(lambda: count(h, WAITING_MID_PLAN) == 1, timeout=60,
-                 what="the coordinator to write the tasks and wait before its commit", interval=0.05)
-        assert count(h, select(func.count()).select_from(TASKS)) == 0, "the plan is not committed yet"
+                 what="the coordinator to write its plan and wait before its commit", interval=0.05)
+        assert count(h, select(func.count()).select_from(TASKS)) == 0, "no part of the plan is committed yet"
+        assert job_row(h, submitted.job_id).planned_at is None, "no part of the plan is committed yet"
         assert count(h, text("SELECT pg_relation_size('sync_tasks')")) > 0, "its task rows are written"
         h.fleet.kill(coordinator)
         holder.rollback()  # the orphaned session goes on, finds its client gone, and rolls back
