@@ -6,6 +6,12 @@ a real process on a free loopback port, on its own PostgreSQL database, with a R
 host that no worker consumes (syncs are planned and queued, never run, so the fuzzer cannot make
 the box sync a billion synthetic jobs).
 
+No check is switched off. The one rule of the company writes that no JSON Schema can state (a
+graphql resource's ``query`` is one GraphQL query declaring the variables the resource sets) is
+stated in words in the document and taught to the generator by ``contract_hooks.py`` (loaded
+through ``SCHEMATHESIS_HOOKS``), so positive data acceptance holds for graphql bodies too; the test
+also asserts that a company of every connector was created.
+
 The CI run is bounded: 5 examples per operation, one seed, a technician's token (the bearer with the
 most filtering) — about three minutes on a loaded two-core box. A longer run, both token roles, a
 random seed (printed on failure)::
