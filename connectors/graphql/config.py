@@ -45,7 +45,7 @@ from connectors.rest.config import (
     ResourceBase,
     ResourceName,
     UpstreamConfig,
-    _check_template,
+    check_templates,
     validation_problems,
 )
 from connectors.urls import ENDPOINT_PATTERN, check_endpoint
@@ -170,12 +170,7 @@ class ResourceConfig(ResourceBase):
     @field_validator("variables")
     @classmethod
     def _variables(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name, item in value.items():
-            if isinstance(item, str):
-                try:
-                    _check_template(item)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
+        check_templates(value)
         return value
 
     @model_validator(mode="after")

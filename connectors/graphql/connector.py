@@ -25,9 +25,9 @@ from connectors.rest.connector import (
     check_url_admission,
     connect_upstream,
     partition_keys,
+    resource_spec,
 )
 from connectors.rest.paginators import MISSING, Page, lookup
-from connectors.transforms import POLICIES
 from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
 
 # Codes providers use for a throttled query answered with HTTP 200 (Shopify: extensions.code
@@ -99,13 +99,7 @@ class GraphQLConnector:
                     if isinstance(value, str) and uses_placeholder(value, "partition"):
                         raise ConfigError(f"graphql config: resources.{name}.variables.{key}: uses {{partition}} "
                                           "but partitions.type is 'none'")
-            spec = ResourceSpec(
-                name=name,
-                primary_key=resource.primary_key,
-                transform=resource.transform,
-                policy=POLICIES[resource.transform],
-                incremental_field=resource.incremental.field if resource.incremental else None,
-            )
+            spec = resource_spec(name, resource, resource.incremental.field if resource.incremental else None)
             self._resources[name] = _Resource(spec, resource, make_paginator(resource.paginator))
         upstream = connect_upstream(
             self.config, self.config.endpoint, context=self._context, limiter=limiter, on_response=on_response,

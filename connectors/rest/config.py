@@ -320,6 +320,17 @@ def _check_template(value: str) -> str:
     return value
 
 
+def check_templates(values: dict[str, Any]) -> None:
+    """``_check_template`` on each string of ``values`` (``params``, graphql ``variables``),
+    a ``ValueError`` naming the key."""
+    for name, item in values.items():
+        if isinstance(item, str):
+            try:
+                _check_template(item)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
+
 def uses_placeholder(template: str, name: str) -> bool:
     """Whether ``template`` (already validated) contains ``{name}``."""
     return any(field == name for _literal, field, _spec, _conv in string.Formatter().parse(template))
@@ -410,11 +421,7 @@ class ResourceConfig(ResourceBase):
         for name, item in value.items():
             if not isinstance(item, str | int | float | bool):
                 raise ValueError(f"{name}: must be a string, number or boolean")
-            if isinstance(item, str):
-                try:
-                    _check_template(item)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
+        check_templates(value)
         return value
 
 

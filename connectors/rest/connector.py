@@ -23,6 +23,7 @@ from connectors.rest.config import (
     HeaderAuth,
     NonePartitions,
     ParamValue,
+    ResourceBase,
     ResourceConfig,
     UpstreamConfig,
     parse_config,
@@ -109,6 +110,18 @@ def build_auth(
         auth = OAuth2Auth(config.auth, tokens=tokens or MemoryTokenStore(), token_client=token_client)
         return auth, token_client
     return _make_auth(config, environ), None
+
+
+def resource_spec(name: str, resource: ResourceBase, incremental_field: str | None) -> ResourceSpec:
+    """The ``ResourceSpec`` of a ``rest`` or ``graphql`` resource: keyed, transformed and filtered
+    as its config says."""
+    return ResourceSpec(
+        name=name,
+        primary_key=resource.primary_key,
+        transform=resource.transform,
+        policy=POLICIES[resource.transform],
+        incremental_field=incremental_field,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,13 +241,7 @@ class RestConnector:
         for name, resource in self.config.resources.items():
             if isinstance(resource.partitions, NonePartitions):
                 self._reject_partition_placeholder(name, resource)
-            spec = ResourceSpec(
-                name=name,
-                primary_key=resource.primary_key,
-                transform=resource.transform,
-                policy=POLICIES[resource.transform],
-                incremental_field=resource.incremental.field if resource.incremental else None,
-            )
+            spec = resource_spec(name, resource, resource.incremental.field if resource.incremental else None)
             paginator = make_paginator(
                 resource.paginator, primary_key=resource.primary_key, base_url=self.config.base_url
             )
