@@ -100,6 +100,18 @@ def _refuse_unstorable(**fields: Any) -> None:
             raise ConfigError(found)
 
 
+# The columns' lengths (pipeline.models.Company), so that the CLI gets a message, not a DataError.
+MAX_NAME = 200
+MAX_EXTERNAL_ID = 200
+
+
+def _check_name(name: str) -> None:
+    if not name.strip():
+        raise ConfigError("company name must not be empty")
+    if len(name.strip()) > MAX_NAME:
+        raise ConfigError(f"company name must be at most {MAX_NAME} characters, got {len(name.strip())}")
+
+
 def validate_toggles(toggles: Any) -> dict[str, Any]:
     if not isinstance(toggles, Mapping):
         raise ConfigError(f"feature toggles must be a JSON object, got {type(toggles).__name__}")
@@ -127,8 +139,9 @@ def add_company(
         ConfigError: empty name, unknown connector, a bad config key (named), a variable or
             address not allowed, bad toggles, or a duplicate external id.
     """
-    if not name.strip():
-        raise ConfigError("company name must not be empty")
+    _check_name(name)
+    if external_id is not None and len(external_id) > MAX_EXTERNAL_ID:
+        raise ConfigError(f"external id must be at most {MAX_EXTERNAL_ID} characters, got {len(external_id)}")
     _refuse_unstorable(name=name, config=config, toggles=toggles, external_id=external_id)
     stored = prepare_config(connector, config, context=context, secrets=secrets)
     company = Company(
@@ -175,8 +188,7 @@ def update_company(
         if company is None:
             raise NotFound(f"company {company_id} does not exist")
         if name is not None:
-            if not name.strip():
-                raise ConfigError("company name must not be empty")
+            _check_name(name)
             company.name = name.strip()
         if config is not None:
             company.connector_config = prepare_config(

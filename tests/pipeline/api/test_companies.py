@@ -11,6 +11,8 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
+from pipeline.companies import add_company, update_company
+from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 from storage.base import BlobStore
 from tests.pipeline.api.conftest import Api, start_api
@@ -128,3 +130,18 @@ def test_a_patch_tells_another_connectors_config_from_a_bad_one_of_its_own_by_sh
 
     missing_key = patch(rest_company, {"resources": rest()["resources"]})
     assert missing_key.status_code == 422 and "base_url: Field required" in message(missing_key)
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"name": "n" * 201}, "company name must be at most 200 characters"),
+    ({"name": "n", "external_id": "e" * 201}, "external id must be at most 200 characters"),
+])
+def test_what_the_columns_cannot_hold_is_a_config_error_for_the_cli_too(
+    admin_api: Api, fields: dict[str, Any], named: str
+) -> None:
+    # The API's schema bounds both; `pipeline company add` calls add_company directly (was a DataError).
+    with pytest.raises(ConfigError, match=named):
+        add_company(admin_api.engine, connector="synthetic", config={}, **fields)
+    company = add_company(admin_api.engine, name="n", connector="synthetic", config={})
+    with pytest.raises(ConfigError, match="company name must be at most 200"):
+        update_company(admin_api.engine, company.id, name="n" * 201)
