@@ -1,10 +1,13 @@
 """The URL patterns the OpenAPI document states are exactly what the config validators accept, and
-every URL they admit is one the network policy can judge (no exception but ``ConfigError``)."""
+every URL they admit is one the network policy can judge (no exception but ``ConfigError``); a
+next link an upstream sends fails the page as an ``UpstreamError``, whatever it holds."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,8 +16,9 @@ from connectors import registry
 from connectors.graphql.config import GraphQLConfig
 from connectors.net import NetworkPolicy
 from connectors.rest.config import RestConfig
+from connectors.rest.paginators import LinkHeaderPaginator, Page
 from connectors.urls import BASE_URL_PATTERN, ENDPOINT_PATTERN, check_base_url, check_endpoint
-from errors import ConfigError
+from errors import ConfigError, UpstreamError
 
 POLICY = NetworkPolicy()  # the strictest: public addresses only
 
@@ -66,3 +70,15 @@ def test_a_host_label_idna_cannot_decode_passes_admission_like_any_host_name(kin
                   "resources": {"r": {"query": "query { r { id } }", "records": "data.r", "primary_key": "id"}}}
 
     assert registry.validate(kind, config) == [("auth", "client_secret")]
+
+
+@pytest.mark.parametrize(("link", "problem"), [
+    ('<https://xn--/x>; rel="next"', 'Link rel="next" points outside base_url'),  # was idna's IDNAError
+    ('<http://[::1/x>; rel="next"', 'Link rel="next" is not a URL'),  # was httpx's InvalidURL
+])
+def test_a_next_link_httpx_or_idna_cannot_read_fails_the_page_as_an_upstream_error(link: str, problem: str) -> None:
+    paginator = LinkHeaderPaginator("https://api.example.com")
+    response = httpx.Response(200, headers={"Link": link}, request=httpx.Request("GET", "https://api.example.com/r"))
+    with pytest.raises(UpstreamError, match=re.escape(problem)) as caught:
+        paginator.update_state({"next_url": None}, Page(response, [], []))
+    assert not caught.value.retryable
