@@ -54,6 +54,13 @@ class ForbiddenUpstream(ConfigError):
     ``PIPELINE_UPSTREAM_ALLOWLIST``): the request is well formed, the policy forbids it."""
 
 
+class InvalidRequest(PipelineError):
+    """A well-formed request asks for what the product refuses (over a documented limit); the
+    message names the field. The API answers 422 ``invalid_request``."""
+
+    default_kind = FailureKind.PERMANENT
+
+
 class NotFound(PipelineError):
     """A company, job, task or dataset does not exist."""
 

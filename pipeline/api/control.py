@@ -50,7 +50,7 @@ from pipeline.control import (
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
-from pipeline.immediate import TooLargeForImmediate, submit_immediate
+from pipeline.immediate import submit_immediate
 from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
@@ -273,8 +273,6 @@ def immediate_or_queued(
         return error_response(429, "too_many_jobs", str(exc))
     except NotFound as exc:
         return error_response(404, "unknown_company", str(exc))
-    except TooLargeForImmediate as exc:  # the request asked for what the limit refuses: its message names `immediate`
-        return error_response(422, "invalid_request", str(exc))
     except ConfigError as exc:
         return error_response(409, "conflict", str(exc))
     return accepted(submitted.job_id, submitted.resources, "planning", 0)
