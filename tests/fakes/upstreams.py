@@ -620,25 +620,6 @@ class _StreamingHandler(BaseHTTPRequestHandler):
     timeout = 30
     server: _StreamingServer
 
-    def setup(self) -> None:
-        super().setup()
-        self.sent_at: float | None = None
-
-    def handle_one_request(self) -> None:
-        # Peek at the next request's bytes before reading them: the kernel stamps their arrival.
-        # A keep-alive client sends one request at a time, so the newest data queued is its own.
-        try:
-            _, ancillary, _, _ = self.connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
-        except OSError:
-            self.close_connection = True
-            return
-        self.sent_at = None
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                seconds, nanoseconds = struct.unpack("qq", data[:16])
-                self.sent_at = seconds + nanoseconds / 1e9
-        super().handle_one_request()
-
     def do_GET(self) -> None:
         self.server.fake.serve(self)
 
