@@ -93,15 +93,15 @@ def describe(exc: BaseException) -> str:
 def database_failure(rt: Runtime, exc: SQLAlchemyError) -> PipelineError:
     """Classify a database error where it surfaced, by asking the database.
 
-    A connection the database dropped (a restart, ``pg_terminate_backend``, a broken link) is an
-    outage even if the database answers again by now: SQLAlchemy saw the disconnect and
-    discarded the pool, so a fresh ``SELECT 1`` reconnects and succeeds, yet the statement never
-    ran. Otherwise, if a fresh connection cannot run ``SELECT 1`` the database is down: an
-    outage. Otherwise the statement itself was refused (a ``DataError`` on text PostgreSQL
-    cannot store, too many bind parameters, a constraint): that is this attempt's failure and
-    spends an attempt.
+    A connection the database dropped (a restart, ``pg_terminate_backend``, a broken link) or
+    could not open (no statement ran) is an outage even if the database answers again by now:
+    after a disconnect SQLAlchemy discards the pool, so a fresh ``SELECT 1`` reconnects and
+    succeeds, yet the statement never ran. Otherwise, if a fresh connection cannot run
+    ``SELECT 1`` the database is down: an outage. Otherwise the statement itself was refused (a
+    ``DataError`` on text PostgreSQL cannot store, too many bind parameters, a constraint): that
+    is this attempt's failure and spends an attempt.
     """
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or exc.statement is None):
         failure: PipelineError = DatabaseUnavailable(f"database connection lost: {describe(exc)}")
         failure.__cause__ = exc
         return failure

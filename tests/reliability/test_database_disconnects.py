@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from pipeline.db import make_engine
+from pipeline.errors import FailureKind
+from pipeline.execution import database_failure
 from pipeline.models import JOB_LOG
 from tests.reliability.harness import TINY, Harness, Size
 from tests.services import wait_for
@@ -55,3 +60,20 @@ def test_dropped_worker_connections_spend_no_attempt_and_dead_letter_nothing(mak
         refused = conn.execute(select(JOB_LOG.c.message).where(
             JOB_LOG.c.job_id == job.job_id, JOB_LOG.c.message.contains("refused a statement"))).scalars().all()
     assert refused == [], "a dropped connection was taken for a statement the database refused"
+
+
+def test_a_connection_that_could_not_be_opened_is_an_outage_even_once_the_database_answers_again(
+    make_harness: Any,
+) -> None:
+    h: Harness = make_harness(SIZE)
+    nowhere = make_engine("postgresql://postgres@127.0.0.1:1/none", pool_pre_ping=False)
+    try:
+        with pytest.raises(OperationalError) as refused, nowhere.connect():
+            pass
+    finally:
+        nowhere.dispose()
+    # h.rt's database answers SELECT 1 now; the statement still never ran.
+    assert database_failure(h.rt, refused.value).kind is FailureKind.OUTAGE
+    with pytest.raises(DBAPIError) as divided, h.engine.connect() as conn:
+        conn.execute(text("SELECT 1 / 0"))
+    assert database_failure(h.rt, divided.value).kind is FailureKind.RETRYABLE, "a refused statement spends an attempt"
