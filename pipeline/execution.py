@@ -65,8 +65,14 @@ class RetryTask(PipelineError):
     """Raised to the broker so that its retry middleware re-sends the message with backoff.
 
     Its kind is the failure's: the broker's retry policy keeps retrying outages (bounded by
-    ``PIPELINE_OUTAGE_RETRY_S``) and gives up on the rest after a few retries.
+    ``PIPELINE_OUTAGE_RETRY_S``) and gives up on the rest after a few retries, unless
+    ``recorded``: the failed attempt is counted on the task, so the database bounds the retries
+    (``MAX_ATTEMPTS``) and the message must not end in the dead-letter queue first.
     """
+
+    def __init__(self, *args: object, kind: FailureKind | None = None, recorded: bool = False) -> None:
+        super().__init__(*args, kind=kind)
+        self.recorded = recorded
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -219,7 +225,7 @@ def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
     metrics.task_run(claim.resource, Outcome.FAILED.value if final else "retry", started)
     if final:
         return Outcome.FAILED
-    raise RetryTask(message, kind=kind) from exc
+    raise RetryTask(message, kind=kind, recorded=True) from exc
 
 
 def _run(attempt: Attempt, connector: Connector) -> Outcome:
