@@ -40,6 +40,7 @@ class Attempt:
         deadline: ``time.monotonic()`` value after which the fetch hands the task off.
         finish_by: ``time.monotonic()`` value after which not even the final merge and upload
             may renew the lease (the attempt then fails, retryably).
+        saved_state: the ``fetch_state`` as last saved (by the claim or by :meth:`save`).
     """
 
     rt: Runtime
@@ -48,6 +49,7 @@ class Attempt:
     finish_by: float
     should_stop: Callable[[], bool] = lambda: False
     renewals: int = 0
+    saved_state: dict[str, Any] | None = None
     _renewed: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -56,7 +58,7 @@ class Attempt:
         settings = rt.settings
         return cls(rt=rt, claim=claim, deadline=now + settings.task_time_budget_s,
                    finish_by=now + settings.task_time_budget_s + settings.publish_budget_s,
-                   should_stop=should_stop or (lambda: False), _renewed=now)
+                   should_stop=should_stop or (lambda: False), saved_state=claim.fetch_state, _renewed=now)
 
     @property
     def lease_s(self) -> float:
@@ -83,6 +85,7 @@ class Attempt:
     def save(self, fetch_state: dict[str, Any], chunks: int) -> None:
         """The fenced save of the cursor and part list; renews the lease."""
         save_progress(self.rt.engine, self.claim, fetch_state=fetch_state, chunks=chunks, lease_s=self.lease_s)
+        self.saved_state = fetch_state
         self._renewed = time.monotonic()
 
     def heartbeat(self) -> None:

@@ -273,7 +273,7 @@ def immediate_or_queued(
         return error_response(429, "too_many_jobs", str(exc))
     except NotFound as exc:
         return error_response(404, "unknown_company", str(exc))
-    except ConfigError as exc:  # TooLargeForImmediate included: the same body is fine with fewer tasks in scope
+    except ConfigError as exc:
         return error_response(409, "conflict", str(exc))
     return accepted(submitted.job_id, submitted.resources, "planning", 0)
 

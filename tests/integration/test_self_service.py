@@ -1,6 +1,6 @@
 """Issue 14's self-service and immediate mode on PostgreSQL, RabbitMQ and S3: a manager syncs
 and watches only their own company; technicians cannot sync; another company's job answers
-like a missing one; ``"immediate": true`` answers with the finished job, or 422 over the limit."""
+like a missing one; ``"immediate": true`` answers with the finished job, or 409 over the limit."""
 
 from __future__ import annotations
 
