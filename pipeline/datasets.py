@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import orjson
+import psycopg
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline import metrics
 from pipeline.assembly import SPOOL_BYTES, RenderedDocument, encode_record, read_ndjson
-from pipeline.db import autocommit
+from pipeline.db import driver_autocommit, execute_one
 from pipeline.errors import LeaseLost, TaskCancelled, VersionChanged
 from pipeline.jobs import Claim, complete_task, complete_task_guarded, fence_lost
 from pipeline.models import CURSORS, DATASETS, utcnow
@@ -182,30 +183,33 @@ def _publish_in_one_statement(
         "record_count": document.record_count, "chunks": chunks, "bookmark": bookmark, "now": utcnow(),
     }
     lock = {"key": _partition_key(claim)}
-    with autocommit(rt.engine) as conn:
-        if (check_version and expected == document.checksum) or upload is None:
-            outcome = conn.exec_driver_sql(PUBLISH_SQL, {**params, "uploaded": False, "unlock": False}).scalar_one()
-            if outcome != "upload":
-                return _outcome(claim, outcome, expected), False
-            if upload is None:
-                return None
-        conn.exec_driver_sql(SESSION_LOCK_SQL, lock)
+    if (check_version and expected == document.checksum) or upload is None:
+        outcome = execute_one(rt.engine, PUBLISH_SQL, {**params, "uploaded": False, "unlock": False})[0]
+        if outcome != "upload":
+            return _outcome(claim, outcome, expected), False
+        if upload is None:
+            return None
+    with driver_autocommit(rt.engine) as connection:
+        # The session-level lock and the call that drops it must use the same connection.
+        connection.execute(SESSION_LOCK_SQL, lock)
         try:
             upload()
-            outcome = conn.exec_driver_sql(PUBLISH_SQL, {**params, "uploaded": True, "unlock": True}).scalar_one()
+            row = connection.execute(PUBLISH_SQL, {**params, "uploaded": True, "unlock": True}).fetchone()
         except BaseException:
-            _release(conn, lock)
+            _release(connection, lock)
             raise
-    return _outcome(claim, outcome, expected), True
+    assert row is not None
+    return _outcome(claim, row[0], expected), True
 
 
-def _release(conn: Connection, lock: dict[str, str]) -> None:
+def _release(connection: psycopg.Connection[Any], lock: dict[str, str]) -> None:
     """Drop the session-level partition lock after a failed upload or publish; if that cannot be
-    done, close the connection, which drops it too (never hand a locked connection back)."""
+    done, close the connection, which drops it too (the pool then replaces it: never hand a
+    locked connection back)."""
     try:
-        conn.exec_driver_sql(SESSION_UNLOCK_SQL, lock)
+        connection.execute(SESSION_UNLOCK_SQL, lock)
     except Exception:
-        conn.invalidate()
+        connection.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,12 +264,8 @@ def publish(
     wrap = reader or (lambda file: file)
     checksum = document.checksum
     key = storage_key(claim.company_id, claim.resource, claim.partition, checksum)
-    where = (
-        (DATASETS.c.company_id == claim.company_id)
-        & (DATASETS.c.resource == claim.resource)
-        & (DATASETS.c.partition_key == claim.partition)
-    )
     metadata = {"sha256": checksum, "record-count": str(document.record_count)}
+
     def upload() -> None:
         if raw_records is not None:
             rt.store.put(records_key(key), wrap(raw_records.open()), length=raw_records.size,
@@ -286,6 +286,11 @@ def publish(
             finished, uploaded = done
             metrics.published(claim.resource, records=document.record_count, size=document.size, uploaded=uploaded)
             return Published(checksum, document.size, document.record_count, uploaded, finished)
+    where = (
+        (DATASETS.c.company_id == claim.company_id)
+        & (DATASETS.c.resource == claim.resource)
+        & (DATASETS.c.partition_key == claim.partition)
+    )
     uploaded = False
     if not inline:
         with rt.engine.connect() as conn:

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from sqlalchemy import CTE, Connection, Engine, Interval, and_, case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
-from pipeline.db import autocommit
+from pipeline.db import execute_one
 from pipeline.errors import LeaseLost, TaskCancelled
 from pipeline.models import COMPANIES, DATASETS, FINISHED, JOB_LOG, JOBS, TASKS, UTCDateTime, utcnow
 
@@ -185,8 +185,7 @@ def _claim_in_one_statement(engine: Engine, task_id: int, token: str, *, lease_s
     SQLite path's ``update``), so no per-call SQL construction or compilation costs CPU, and
     psycopg prepares it once per connection (``pipeline.db.PREPARE_THRESHOLD``)."""
     params = {"task_id": task_id, "token": token, "lease_s": float(lease_s), "max_attempts": max_attempts}
-    with autocommit(engine) as conn:
-        return conn.exec_driver_sql(CLAIM_SQL, params).one_or_none()
+    return execute_one(engine, CLAIM_SQL, params)
 
 
 def _dataset_of(company_id: Any, resource: Any, partition: Any) -> ColumnElement[bool]:
