@@ -29,6 +29,8 @@ from pipeline.runtime import Runtime
 T = TypeVar("T")
 # Records between two looks at the clock while merging.
 HEARTBEAT_EVERY = 2000
+# How often the lease keeper looks for work when it keeps no lease (a new one due sooner wakes it).
+IDLE_LOOK_S = 1.0
 
 
 @dataclass
@@ -172,6 +174,7 @@ class LeaseKeeper:
         self._kept: list[_Kept] = []
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._wake_at = 0.0  # when the thread will look again by itself
 
     def keep(self, attempt: Attempt) -> _Kept:
         kept = _Kept(attempt, due=time.monotonic() + attempt.lease_s / 3)
@@ -182,7 +185,8 @@ class LeaseKeeper:
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif kept.due < self._wake_at:
+                self._cond.notify()  # due before the thread's next look (otherwise: no wake-up per task)
         return kept
 
     def release(self, kept: _Kept) -> None:
@@ -200,8 +204,8 @@ class LeaseKeeper:
                 now = time.monotonic()
                 due = [kept for kept in self._kept if kept.due <= now]
                 if not due:
-                    wake = min((kept.due for kept in self._kept), default=None)
-                    self._cond.wait(None if wake is None else wake - now)
+                    self._wake_at = min((kept.due for kept in self._kept), default=now + IDLE_LOOK_S)
+                    self._cond.wait(self._wake_at - now)
                     continue
                 for kept in due:
                     kept.busy = True
