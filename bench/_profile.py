@@ -29,7 +29,7 @@ def py_spy() -> str:
 
 
 @contextlib.contextmanager
-def recording(pid: int, output: Path, *, rate: int = 97) -> Iterator[None]:
+def recording(pid: int, output: Path, *, rate: int = 250) -> Iterator[None]:
     """Record the process tree of ``pid`` until the block exits: only threads holding the GIL
     (``--gil``), so the samples are where Python spends CPU, not where threads wait on a socket
     (py-spy's idle detection counted psycopg's and pika's waits as busy)."""
