@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import dramatiq
@@ -42,7 +43,8 @@ def test_completed_task_rows_of_old_finished_jobs_are_deleted_in_batches_and_the
     assert delete_old_task_rows(stack.engine, retention_days=1, batch=2) == old.total_tasks - 1
 
     with stack.engine.connect() as conn:
-        left = dict(conn.execute(select(TASKS.c.job_id, func.count()).group_by(TASKS.c.job_id)).all())
+        counts = conn.execute(select(TASKS.c.job_id, func.count()).group_by(TASKS.c.job_id)).all()
+        left: dict[uuid.UUID, int] = {row[0]: row[1] for row in counts}
         assert left == {old.job_id: 1, recent.job_id: recent.total_tasks}
         assert conn.execute(select(TASKS.c.status).where(TASKS.c.job_id == old.job_id)).scalar_one() == "failed"
         job = conn.execute(select(JOBS.c.status, JOBS.c.total_tasks, JOBS.c.completed_tasks,
