@@ -32,6 +32,8 @@ STAGING_PREFIX = "_staging"
 # Documents up to this size (still in memory, see pipeline.assembly) are uploaded inside the
 # publishing transaction; larger ones before it.
 INLINE_UPLOAD_BYTES = SPOOL_BYTES
+# Documents up to this size are uploaded from one bytes object rather than streamed from the spool.
+SMALL_BODY_BYTES = 1024 * 1024
 
 
 def serialize(document: Any) -> bytes:
@@ -270,7 +272,10 @@ def publish(
         if raw_records is not None:
             rt.store.put(records_key(key), wrap(raw_records.open()), length=raw_records.size,
                          content_type="application/x-ndjson", metadata={"sha256": raw_records.checksum})
-        rt.store.put(key, wrap(document.open()), length=document.size, metadata=metadata)
+        # A document still in memory goes as bytes: one PUT body, no reads through the wrapper
+        # (the attempt's lease keeper renews the lease meanwhile).
+        body = document.read() if document.size <= SMALL_BODY_BYTES else wrap(document.open())
+        rt.store.put(key, body, length=document.size, metadata=metadata)
 
     # A small document on PostgreSQL is uploaded under the partition's lock, inside the
     # publishing transaction: the collector cannot delete it before the pointer commits, which
