@@ -342,6 +342,10 @@ def measure(tasks: int, process_counts: list[int], threads: int, repeat: int, pr
         differing = same_documents(st)
         if profile is not None:
             with pipeline_fleet(st, rt, process_counts[-1], threads) as our_fleet:
+                # Warmed up like the measured fleets (imports, connection pools), not profiled.
+                st.admin_sql(f"UPDATE companies SET sync_enabled = true WHERE id = {warm}")
+                run_ours(rt, WARM_UP_TASKS, company_ids=[warm])
+                st.admin_sql(f"UPDATE companies SET sync_enabled = false WHERE id = {warm}")
                 profile_first_sync(st, rt, our_fleet, tasks, profile, version=len(process_counts) * repeat)
         sizes = footprint(rt)
         first_trips, second_trips, wal = round_trips(Runtime.from_settings(rt.settings, pre_ping=False))
