@@ -116,8 +116,8 @@ def driver_autocommit(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
             raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=lost,
                                       dialect=engine.dialect) from exc
     finally:
-        if connection.closed:
-            pooled.invalidate()  # closed in the block: the pool opens a new one
+        if connection.closed and pooled.dbapi_connection is not None:
+            pooled.invalidate()  # closed in the block (and not invalidated yet): the pool opens a new one
         pooled.close()
 
 
