@@ -11,7 +11,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, Retries, ShutdownNotifications, TimeLimit
 
 from actors.shutdown import GracefulStop
-from pipeline.execution import is_outage
+from pipeline.execution import RetryTask, is_outage
 from pipeline.settings import Settings
 
 HEARTBEAT_S = 60
@@ -33,7 +33,10 @@ def retry_policy(max_retries: int, *, max_outage_retries: int | None = None) -> 
     A message that failed because the database or blob storage is unreachable is retried (with
     backoff capped at ``RETRY_MAX_BACKOFF_MS``) for about ``PIPELINE_OUTAGE_RETRY_S``, instead of
     ending in the dead-letter queue after a few seconds of outage. Past that, the sweeper still
-    re-sends the task (its lease expires, or it is pending without a message).
+    re-sends the task (its lease expires, or it is pending without a message). An attempt whose
+    failure the task records (``RetryTask.recorded``) is always retried: the database counts
+    those against ``MAX_ATTEMPTS``, while Dramatiq's count also holds the outage's retries, so a
+    task that met an outage first would otherwise be dead-lettered on its next ordinary failure.
     """
 
     def retry(retries: int, exc: BaseException) -> bool:
@@ -41,6 +44,8 @@ def retry_policy(max_retries: int, *, max_outage_retries: int | None = None) -> 
         while cause is not None:
             if is_outage(cause):
                 return max_outage_retries is None or retries < max_outage_retries
+            if isinstance(cause, RetryTask) and cause.recorded:
+                return True
             cause = cause.__cause__
         return retries < max_retries
 

@@ -10,10 +10,11 @@ import dramatiq
 import pika
 import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from sqlalchemy.exc import SQLAlchemyError
 
 from actors.shutdown import graceful_stop
 from connectors.rest.ratelimit import make_rate_limiter
-from pipeline.execution import Outcome, RetryTask, run_task
+from pipeline.execution import Outcome, RetryTask, database_failure, run_task
 from pipeline.planning import coordinate_job
 from pipeline.runtime import Runtime
 
@@ -115,12 +116,23 @@ def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
     limiter = make_rate_limiter(runtime.engine)
     holder: dict[str, dramatiq.Actor[[int], None]] = {}
 
+    def classified(exc: SQLAlchemyError) -> RetryTask:
+        # A database error that escaped classification (recording a failure failed too): classify
+        # it here, so that a dropped connection is retried as an outage, not dead-lettered.
+        failure = database_failure(runtime, exc)
+        retry = RetryTask(str(failure), kind=failure.kind)
+        retry.__cause__ = exc
+        return retry
+
     def run(task_id: int, actor_name: str) -> None:
         try:
             outcome = run_task(runtime, task_id, limiter=limiter, should_stop=should_stop)
         except RetryTask as exc:
             # dramatiq.Retry: the Retries middleware backs off and re-sends, without an error log.
             raise dramatiq.Retry(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            retry = classified(exc)
+            raise dramatiq.Retry(str(retry)) from retry
         if outcome is Outcome.CONTINUE:
             holder[actor_name].send(task_id)
 
@@ -140,7 +152,11 @@ def declare_actors(broker: dramatiq.Broker, runtime: Runtime) -> Actors:
 
     def coordinate_sync(job_id: str) -> None:
         assert actors is not None
-        coordinate_job(runtime.engine, actors, uuid.UUID(job_id))
+        try:
+            coordinate_job(runtime.engine, actors, uuid.UUID(job_id))
+        except SQLAlchemyError as exc:
+            retry = classified(exc)
+            raise dramatiq.Retry(str(retry)) from retry
 
     coordinator = dramatiq.actor(
         broker=broker, actor_name=COORDINATE_SYNC, queue_name=f"{queue}-coordinator", priority=HIGH_PRIORITY

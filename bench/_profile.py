@@ -29,10 +29,12 @@ def py_spy() -> str:
 
 
 @contextlib.contextmanager
-def recording(pid: int, output: Path, *, rate: int = 97) -> Iterator[None]:
-    """Record the process tree of ``pid`` (threads doing work only) until the block exits."""
+def recording(pid: int, output: Path, *, rate: int = 250) -> Iterator[None]:
+    """Record the process tree of ``pid`` until the block exits: only threads holding the GIL
+    (``--gil``), so the samples are where Python spends CPU, not where threads wait on a socket
+    (py-spy's idle detection counted psycopg's and pika's waits as busy)."""
     process = subprocess.Popen(
-        [py_spy(), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", str(rate),
+        [py_spy(), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil", "--rate", str(rate),
          "--format", "raw", "--output", str(output)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -77,7 +79,7 @@ def summarize(raw: Path, *, top: int = 25, ours_only: bool = False) -> str:
             inclusive[frame] += count
     if not total:
         return "(no samples)"
-    lines = [f"{total} samples (busy threads only)"]
+    lines = [f"{total} samples (threads holding the GIL)"]
     shown = 0
     for frame, count in inclusive.most_common():
         if ours_only and not any(part in frame for part in OURS):

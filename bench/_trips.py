@@ -6,14 +6,14 @@ process on the bench's services and counts, per task: SQL statements, transactio
 (BEGIN / COMMIT / ROLLBACK) and pool pre-pings — each one a round trip to PostgreSQL — and
 requests to the blob store.
 
-Transaction commands are counted when psycopg 3 sends them, not when SQLAlchemy announces them:
-SQLAlchemy fires ``begin`` and ``rollback`` for an AUTOCOMMIT connection too (its autobegin, and
-the rollback on release), but psycopg sends BEGIN only just before the first statement of a
-transaction (never in autocommit), and COMMIT or ROLLBACK only when the server reports a
+Everything is counted on psycopg 3 itself (its cursor's ``execute``, its connection's ``commit``
+and ``rollback``), whoever calls it: SQLAlchemy, or the worker's hot path that uses the pooled
+connection's psycopg cursor directly. psycopg sends BEGIN only just before the first statement
+of a transaction (never in autocommit), and COMMIT or ROLLBACK only when the server reports a
 transaction open (``Connection._start_query``, ``_commit_gen`` and ``_rollback_gen`` return early
 otherwise). So BEGIN is counted at the statement that makes psycopg send it, and a COMMIT or
-ROLLBACK event on an idle connection is counted apart (``no-op commit`` / ``no-op rollback``),
-not as a round trip.
+ROLLBACK on an idle connection (SQLAlchemy's reset on return to the pool) is counted apart
+(``no-op commit`` / ``no-op rollback``), not as a round trip.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 
 from pipeline.runtime import Runtime
 from storage.base import BlobStore
@@ -54,46 +54,43 @@ class CountingStore:
 
 @contextmanager
 def counting(engine: Engine, counts: Counter[str]) -> Iterator[None]:
-    def statement(conn: Any, *_args: Any) -> None:
-        dbapi = conn.connection.dbapi_connection
-        if hasattr(dbapi, "info") and not dbapi.autocommit and dbapi.info.transaction_status == IDLE:
+    """Count the round trips of every psycopg connection of this process while the block runs.
+
+    Counted on psycopg itself, not on SQLAlchemy's events: the worker's hot statements (the
+    claim, the publish) go straight to the pooled connection's psycopg cursor
+    (``pipeline.db.driver_autocommit``), which SQLAlchemy's events never see. A pool pre-ping
+    is a statement too, so it is counted with them.
+    """
+    execute = psycopg.Cursor.execute
+    commit = psycopg.Connection.commit
+    rollback = psycopg.Connection.rollback
+
+    def counted_execute(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+        connection = cursor.connection
+        if not connection.autocommit and connection.info.transaction_status == IDLE:
             counts["begin"] += 1  # psycopg sends BEGIN just before this statement
         counts["statements"] += 1
+        return execute(cursor, *args, **kwargs)
 
-    def command(name: str) -> Callable[..., None]:
-        def count(conn: Any, *_args: Any) -> None:
-            counts[name if _sends(conn, name) else f"no-op {name}"] += 1
+    def command(name: str, original: Callable[..., None]) -> Callable[..., None]:
+        def count(connection: Any) -> None:
+            counts[name if connection.info.transaction_status != IDLE else f"no-op {name}"] += 1
+            original(connection)
 
         return count
 
-    def checkout(*_args: Any) -> None:
-        if engine.pool._pre_ping:
-            counts["pre-pings"] += 1
-
-    hooks: list[tuple[Any, str, Callable[..., None]]] = [
-        (engine, "before_cursor_execute", statement),
-        (engine, "commit", command("commit")),
-        (engine, "rollback", command("rollback")),
-        (engine.pool, "checkout", checkout),
-    ]
-    for target, name, hook in hooks:
-        event.listen(target, name, hook)
+    psycopg.Cursor.execute = counted_execute  # type: ignore[method-assign,assignment]
+    psycopg.Connection.commit = command("commit", commit)  # type: ignore[method-assign]
+    psycopg.Connection.rollback = command("rollback", rollback)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for target, name, hook in hooks:
-            event.remove(target, name, hook)
+        psycopg.Cursor.execute = execute  # type: ignore[method-assign]
+        psycopg.Connection.commit = commit  # type: ignore[method-assign]
+        psycopg.Connection.rollback = rollback  # type: ignore[method-assign]
 
 
 IDLE = psycopg.pq.TransactionStatus.IDLE
-
-
-def _sends(conn: Any, command: str) -> bool:
-    """Whether psycopg will send COMMIT / ROLLBACK on this SQLAlchemy connection's DBAPI connection now."""
-    dbapi = conn.connection.dbapi_connection
-    if dbapi is None or not hasattr(dbapi, "info"):
-        return True  # not psycopg 3: count it
-    return bool(dbapi.info.transaction_status != IDLE)
 
 
 @dataclass(frozen=True)

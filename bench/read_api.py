@@ -12,6 +12,10 @@ with ``--quick``) split into interleaved runs so that a busy neighbour skews eve
 
 PostgreSQL comes from ``PIPELINE_BENCH_POSTGRES_URL`` (a server where databases may be created;
 default ``postgresql://postgres@127.0.0.1:5432/postgres``). The database is dropped afterwards.
+
+Beside each target's req/s, the CPU its requests cost the server side (the API's processes; for
+the JSONB target also the PostgreSQL backends of the bench database) per request: on a machine
+shared with other work, req/s moves with the neighbours, CPU per request much less.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +41,11 @@ import httpx
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from sqlalchemy import Engine, insert, text
+from sqlalchemy.engine import make_url
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bench._cpu import CpuWindow, matching, tree
 from bench._report import Row, at_least, load_line, print_table, row
 from bench._stack import postgres_database, stop_process_group
 from connectors.base import FetchRequest
@@ -214,8 +220,14 @@ def _free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class Served:
+    base: str
+    pid: int
+
+
 @contextlib.contextmanager
-def server(env: Environment, workers: int) -> Iterator[str]:
+def server(env: Environment, workers: int) -> Iterator[Served]:
     """Run the bench app under uvicorn through ``pipeline.api.serve.serve``, in its own process."""
     port = _free_port()
     variables = {
@@ -240,7 +252,7 @@ def server(env: Environment, workers: int) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not answer /healthz within 120 s")
             time.sleep(0.2)
-        yield base
+        yield Served(base, process.pid)
     finally:
         stop_process_group(process, grace_s=30)
 
@@ -264,6 +276,8 @@ class Result:
     requests_per_s: float
     p50_ms: float
     p99_ms: float
+    server_cpu_us: float = 0.0
+    """CPU of the API server's processes (and, for the JSONB target, of PostgreSQL) per request."""
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -341,16 +355,29 @@ async def _load(url: str, headers: dict[str, str], connections: int, duration: f
 
 
 def combine(runs: list[Result]) -> Result:
-    """One target's runs as one result: throughput over all of them, the median run's latencies."""
+    """One target's runs as one result: throughput over all of them, the median run's latencies,
+    server CPU per request over all of them."""
+    requests = sum(r.requests for r in runs)
     return Result(
         name=runs[0].name,
         tool=runs[0].tool,
-        requests=sum(r.requests for r in runs),
+        requests=requests,
         errors=sum(r.errors for r in runs),
         requests_per_s=statistics.fmean(r.requests_per_s for r in runs),
         p50_ms=statistics.median(r.p50_ms for r in runs),
         p99_ms=statistics.median(r.p99_ms for r in runs),
+        server_cpu_us=sum(r.server_cpu_us * r.requests for r in runs) / requests if requests else 0.0,
     )
+
+
+def measured_run(run: Callable[..., Result], cpu: CpuWindow, name: str, url: str, headers: dict[str, str],
+                 connections: int, duration: float) -> Result:
+    """One run of the load generator, with the CPU the server side spent on it per request."""
+    cpu.start()
+    result = run(name, url, headers, connections, duration)
+    cpu.stop()
+    result.server_cpu_us = 1e6 * sum(cpu.used.values()) / result.requests if result.requests else 0.0
+    return result
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -412,8 +439,13 @@ def main(argv: list[str]) -> int:
         print("      so these figures bound the client, not the API (apt-get install wrk for real ones)")
 
     results: list[Result] = []
-    with environment() as env, server(env, args.workers) as base:
+    with environment() as env, server(env, args.workers) as served:
+        base = served.base
         _check_targets(base, env)
+        # The server's CPU per request does not depend on how busy the machine is, as req/s does.
+        api_cpu = CpuWindow({"api": tree(served.pid)})
+        api_and_db_cpu = CpuWindow({"api": tree(served.pid), "postgres": matching(
+            "postgres", cmdline_contains=make_url(env.database_url).database)})
         technician = {"Authorization": f"Bearer {env.technician_token}"}
         manager = {"Authorization": f"Bearer {env.manager_token}"}
         targets = [
@@ -433,14 +465,17 @@ def main(argv: list[str]) -> int:
         runs: dict[str, list[Result]] = {name: [] for name, _, _ in targets}
         for _ in range(args.rounds):
             for name, url, headers in targets:
-                runs[name].append(run(name, url, headers, args.connections, duration / args.rounds))
+                cpu = api_and_db_cpu if name.startswith("jsonb") else api_cpu
+                runs[name].append(measured_run(run, cpu, name, url, headers, args.connections,
+                                               duration / args.rounds))
         for name, _, _ in targets:
             result = combine(runs[name])
             results.append(result)
             worst = f" (runs: {', '.join(f'{r.p99_ms:.1f}' for r in runs[name])})" if args.rounds > 1 else ""
             print(
                 f"  {name:<42} {result.requests_per_s:>9.0f} req/s   p50 {result.p50_ms:7.2f} ms"
-                f"   p99 {result.p99_ms:7.2f} ms{worst}   errors {result.errors}"
+                f"   p99 {result.p99_ms:7.2f} ms{worst}   server CPU {result.server_cpu_us:6.0f} µs/request"
+                f"   errors {result.errors}"
             )
 
     ceiling, ours, whole, old = results
@@ -466,6 +501,10 @@ def main(argv: list[str]) -> int:
             "read_api", "req/s, technician vs JSONB row", ours.requests_per_s, old.requests_per_s, "req/s", at_least(10)
         ),
         row("read_api", "req/s, manager vs ceiling", whole.requests_per_s, ceiling.requests_per_s, "req/s"),
+        row("read_api", "server CPU/request, technician vs ceiling", ours.server_cpu_us, ceiling.server_cpu_us, "µs",
+            note="the load-independent side of the req/s ratio: ≤ 2× here is ≥ 0.5× the ceiling on an idle server"),
+        row("read_api", "server CPU/request, technician vs JSONB row", ours.server_cpu_us, old.server_cpu_us, "µs",
+            note="JSONB row: the API server plus the PostgreSQL backends of the bench database"),
     ]
     errors = sum(result.errors for result in results)
     if errors:

@@ -7,8 +7,8 @@ answer (202) comes once the job row is recorded and the one ``coordinate_sync`` 
 
 Beside it, in the same run and on the same database and broker: today's synchronous planning
 (``plan_job``, what ``POST /sync`` did before the coordinator: the whole plan and every
-publish inside the request). Rounds interleave; the best of ``--repeat`` counts; the target is
-an answer under 100 ms.
+publish inside the request). Rounds interleave (``--posts`` requests, then one synchronous plan);
+the target is every answer under 100 ms (the slowest counts), the comparison is best against best.
 """
 
 from __future__ import annotations
@@ -72,13 +72,16 @@ def reset(rt: Runtime) -> None:
         conn.execute(text("TRUNCATE sync_jobs, sync_tasks, job_log RESTART IDENTITY CASCADE"))
 
 
-def post_sync(client: httpx.Client, rt: Runtime) -> float:
+def post_sync(client: httpx.Client, rt: Runtime, posts: int) -> list[float]:
+    """``posts`` requests in a row on emptied tables, each for every company: their durations."""
     reset(rt)
-    started = time.perf_counter()
-    answer = client.post("/sync", json={})
-    elapsed = time.perf_counter() - started
-    if answer.status_code != 202 or answer.json()["status"] != "planning":
-        raise RuntimeError(f"POST /sync answered {answer.status_code}: {answer.text}")
+    elapsed: list[float] = []
+    for _ in range(posts):
+        started = time.perf_counter()
+        answer = client.post("/sync", json={})
+        elapsed.append(time.perf_counter() - started)
+        if answer.status_code != 202 or answer.json()["status"] != "planning":
+            raise RuntimeError(f"POST /sync answered {answer.status_code}: {answer.text}")
     with rt.engine.connect() as conn:
         if conn.execute(select(func.count()).select_from(TASKS)).scalar_one():
             raise RuntimeError("tasks exist before any coordinator ran")
@@ -105,7 +108,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench submit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1,000 companies instead of 10,000")
     parser.add_argument("--companies", type=int, help="number of companies (overrides --quick)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of each side; the best counts (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of each side (default 3)")
+    parser.add_argument("--posts", type=int, default=10, help="POST /sync requests per round (default 10)")
     args = parser.parse_args(argv)
     companies = args.companies or (1_000 if args.quick else 10_000)
     expected = companies * 8
@@ -127,23 +131,23 @@ def main(argv: list[str]) -> int:
                                                         timeout=120))
         print(f"submit: POST /sync for {companies:,} companies × 8 partitions ({expected:,} tasks); "
               f"best of {args.repeat}, rounds interleaved", flush=True)
-        post_sync(client, rt)  # warm-up: connections, the app's first request
+        post_sync(client, rt, 1)  # warm-up: connections, the app's first request
         ours: list[float] = []
         sync: list[float] = []
         for attempt in range(args.repeat):
-            ours.append(post_sync(client, rt))
+            answers = post_sync(client, rt, args.posts)
+            ours.extend(answers)
             sync.append(synchronous_plan(rt, actors, expected))
             purge(st.amqp_url, actors)
-            print(f"  round {attempt + 1}: POST /sync {ours[-1] * 1000:.1f} ms · synchronous planning "
-                  f"{sync[-1] * 1000:.0f} ms", flush=True)
+            print(f"  round {attempt + 1}: POST /sync ×{len(answers)} {spread([t * 1000 for t in answers])} ms · "
+                  f"synchronous planning {sync[-1] * 1000:.0f} ms", flush=True)
 
-    ours_ms = best(ours) * 1000
-    sync_ms = best(sync) * 1000
+    slowest_ms = max(ours) * 1000
     rows: list[Row] = [
-        row("submit", f"POST /sync 202, every company ({companies:,})", ours_ms, BUDGET_MS, "ms", at_most(1.0),
-            note=f"baseline = the {BUDGET_MS:.0f} ms budget; over the rounds: "
-                 f"{spread([t * 1000 for t in ours])} ms"),
-        row("submit", "POST /sync vs synchronous plan_job", ours_ms, sync_ms, "ms",
+        row("submit", f"POST /sync 202, slowest of {len(ours)} ({companies:,} companies)", slowest_ms, BUDGET_MS, "ms",
+            at_most(1.0), note=f"baseline = the {BUDGET_MS:.0f} ms budget, which every answer must meet; all "
+                               f"answers: {spread([t * 1000 for t in ours])} ms"),
+        row("submit", "POST /sync vs synchronous plan_job, best", best(ours) * 1000, best(sync) * 1000, "ms",
             note=f"synchronous planning over the rounds: {spread([t * 1000 for t in sync])} ms"),
     ]
     print_table(rows)

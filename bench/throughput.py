@@ -342,6 +342,10 @@ def measure(tasks: int, process_counts: list[int], threads: int, repeat: int, pr
         differing = same_documents(st)
         if profile is not None:
             with pipeline_fleet(st, rt, process_counts[-1], threads) as our_fleet:
+                # Warmed up like the measured fleets (imports, connection pools), not profiled.
+                st.admin_sql(f"UPDATE companies SET sync_enabled = true WHERE id = {warm}")
+                run_ours(rt, WARM_UP_TASKS, company_ids=[warm])
+                st.admin_sql(f"UPDATE companies SET sync_enabled = false WHERE id = {warm}")
                 profile_first_sync(st, rt, our_fleet, tasks, profile, version=len(process_counts) * repeat)
         sizes = footprint(rt)
         first_trips, second_trips, wal = round_trips(Runtime.from_settings(rt.settings, pre_ping=False))
@@ -417,8 +421,11 @@ def main(argv: list[str]) -> int:
                 note="baseline: the first sync"),
         ]
     rows.append(row("throughput", "database round trips per single-chunk task", found.first_trips.database, 1, "",
-                    note="statements + BEGIN/COMMIT/ROLLBACK + pool pre-pings, workers' engine settings; target "
-                         "≤ 4; the baseline makes one"))
+                    at_most(4.0),
+                    note="statements (pool pre-pings included) + BEGIN/COMMIT/ROLLBACK, counted on psycopg, "
+                         "workers' engine settings; target ≤ 4 (the ratio is to the baseline's one)"))
+    rows.append(row("throughput", "database round trips per unchanged task", found.second_trips.database, 1, "",
+                    note="the same count, unchanged data"))
     print_table(rows)
     print(load_line())
     rewritten = sum(r.rewritten for r in found.results)

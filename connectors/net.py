@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
-from errors import ForbiddenUpstream, UpstreamError
+from errors import ConfigError, ForbiddenUpstream, UpstreamError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -166,8 +166,13 @@ class NetworkPolicy:
         Raises:
             ForbiddenUpstream: (a ConfigError) naming the address, why it is refused, and the allowlist setting.
         """
-        parsed = httpx.URL(url)
-        host = parsed.host
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"not a URL httpx can send a request to: {exc}") from None
+        # The host as sent (ASCII): ``.host`` would IDNA-decode an ``xn--`` label and raise on a bad
+        # one, and an IP literal is never IDNA.
+        host = parsed.raw_host.decode("ascii")
         address = literal_address(host)
         if address is None:
             return

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
+from connectors.urls import ENDPOINT_PATTERN, check_endpoint
 from errors import UpstreamError
 
 if TYPE_CHECKING:
@@ -59,37 +60,34 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_token_url(value: str) -> str:
-    if not value.startswith(("https://", "http://")) or any(c in value for c in " #"):
-        raise ValueError("must be an http:// or https:// URL without fragment")
-    return value
+# The validator's rule, stated in the schema too: the pattern is not a pydantic constraint, so that a
+# refusal keeps the validator's message naming the key (``auth.token_url: must be an http:// …``).
+TokenUrl = Annotated[
+    str, Field(max_length=2_000, json_schema_extra={"pattern": ENDPOINT_PATTERN}), AfterValidator(check_endpoint)
+]
 
 
 class OAuth2ClientCredentials(_Model):
     """RFC 6749 §4.4: the connector authenticates as itself."""
 
     type: Literal["oauth2_client_credentials"]
-    token_url: str = Field(max_length=2_000)
+    token_url: TokenUrl
     client_id: ClientId
     client_secret: Secret
     scope: Scope | None = None
     client_auth: Literal["basic", "post"] = "basic"
-
-    _token_url = field_validator("token_url")(_check_token_url)
 
 
 class OAuth2RefreshToken(_Model):
     """RFC 6749 §6: a user's grant, refreshed (and, at most providers, rotated) on every refresh."""
 
     type: Literal["oauth2_refresh_token"]
-    token_url: str = Field(max_length=2_000)
+    token_url: TokenUrl
     client_id: ClientId
     client_secret: Secret | None = None
     refresh_token: Secret
     scope: Scope | None = None
     client_auth: Literal["basic", "post"] = "basic"
-
-    _token_url = field_validator("token_url")(_check_token_url)
 
 
 OAuth2Config = OAuth2ClientCredentials | OAuth2RefreshToken

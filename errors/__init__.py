@@ -54,6 +54,14 @@ class ForbiddenUpstream(ConfigError):
     ``PIPELINE_UPSTREAM_ALLOWLIST``): the request is well formed, the policy forbids it."""
 
 
+class RequestConflict(PipelineError):
+    """A well-formed request the current state refuses (``immediate`` over its task limit: the
+    same body runs with fewer tasks in scope); the message names the field. The API answers 409
+    ``conflict``."""
+
+    default_kind = FailureKind.PERMANENT
+
+
 class NotFound(PipelineError):
     """A company, job, task or dataset does not exist."""
 

@@ -31,6 +31,7 @@ from connectors.transforms import TransformSpec, render, sort_key
 from pipeline.errors import BadRecord
 
 SPOOL_BYTES = 8 * 1024 * 1024
+RENDER_BATCH_BYTES = 64 * 1024
 MERGE_FAN_IN = 64
 
 
@@ -208,11 +209,27 @@ def render_document(
             count += 1
             yield record
 
+    pending: list[bytes] = []
+    pending_size = 0
+
+    def flush() -> None:
+        nonlocal pending_size
+        joined = b"".join(pending)
+        digest.update(joined)
+        out.write(joined)
+        pending.clear()
+        pending_size = 0
+
     try:
+        # Blocks (a row each) are hashed and written in batches of ~RENDER_BATCH_BYTES: one
+        # call each instead of one per row.
         for block in render(spec, company_id, resource, partition, counted):
-            digest.update(block)
-            out.write(block)
+            pending.append(block)
+            pending_size += len(block)
             size += len(block)
+            if pending_size >= RENDER_BATCH_BYTES:
+                flush()
+        flush()
     except orjson.JSONEncodeError as exc:
         out.close()
         raise BadRecord(f"record #{count} cannot be stored: {exc}") from exc

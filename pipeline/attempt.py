@@ -13,6 +13,7 @@ rate-limit waits and HTTP requests are bounded by
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,8 @@ from pipeline.runtime import Runtime
 T = TypeVar("T")
 # Records between two looks at the clock while merging.
 HEARTBEAT_EVERY = 2000
+# How often the lease keeper looks for work when it keeps no lease (a new one due sooner wakes it).
+IDLE_LOOK_S = 1.0
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Attempt:
         deadline: ``time.monotonic()`` value after which the fetch hands the task off.
         finish_by: ``time.monotonic()`` value after which not even the final merge and upload
             may renew the lease (the attempt then fails, retryably).
+        saved_state: the ``fetch_state`` as last saved (by the claim or by :meth:`save`).
     """
 
     rt: Runtime
@@ -48,6 +52,7 @@ class Attempt:
     finish_by: float
     should_stop: Callable[[], bool] = lambda: False
     renewals: int = 0
+    saved_state: dict[str, Any] | None = None
     _renewed: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -56,7 +61,7 @@ class Attempt:
         settings = rt.settings
         return cls(rt=rt, claim=claim, deadline=now + settings.task_time_budget_s,
                    finish_by=now + settings.task_time_budget_s + settings.publish_budget_s,
-                   should_stop=should_stop or (lambda: False), _renewed=now)
+                   should_stop=should_stop or (lambda: False), saved_state=claim.fetch_state, _renewed=now)
 
     @property
     def lease_s(self) -> float:
@@ -83,6 +88,7 @@ class Attempt:
     def save(self, fetch_state: dict[str, Any], chunks: int) -> None:
         """The fenced save of the cursor and part list; renews the lease."""
         save_progress(self.rt.engine, self.claim, fetch_state=fetch_state, chunks=chunks, lease_s=self.lease_s)
+        self.saved_state = fetch_state
         self._renewed = time.monotonic()
 
     def heartbeat(self) -> None:
@@ -105,31 +111,20 @@ class Attempt:
 
     @contextmanager
     def keeping_lease(self) -> Iterator[None]:
-        """Renew the lease every third of it from a timer thread while the block runs, so one
-        blocking call (a PUT of a whole document over a slow link) cannot outlast it. The timer
-        stops at :attr:`finish_by`, so a block that hangs still loses its lease in bounded time;
-        a renewal the fence refuses stops the timer and is raised when the block ends (unless the
-        block raised first: the fenced publish then reports the loss itself)."""
-        done = threading.Event()
-        refused: list[BaseException] = []
-
-        def keep() -> None:
-            while not done.wait(self.lease_s / 3):
-                try:
-                    self.heartbeat()
-                except Exception as exc:  # LeaseLost, TaskCancelled, DeadlineExceeded, an outage
-                    refused.append(exc)
-                    return
-
-        timer = threading.Thread(target=keep, name=f"lease-{self.claim.task_id}", daemon=True)
-        timer.start()
+        """Renew the lease every third of it while the block runs, so one blocking call (a PUT of
+        a whole document over a slow link) cannot outlast it. The renewals come from the
+        process's one :class:`LeaseKeeper` thread (not a thread per block: starting one cost
+        more than a small task's upload). They stop at :attr:`finish_by`, so a block that hangs
+        still loses its lease in bounded time; a renewal the fence refuses stops them and is
+        raised when the block ends (unless the block raised first: the fenced publish then
+        reports the loss itself)."""
+        kept = KEEPER.keep(self)
         try:
             yield
         finally:
-            done.set()
-            timer.join()
-        if refused:
-            raise refused[0]
+            KEEPER.release(kept)
+        if kept.refused is not None:
+            raise kept.refused
 
     def beating(self, items: Iterable[T]) -> Iterator[T]:
         """``items``, with a heartbeat every ``HEARTBEAT_EVERY`` of them (a long merge)."""
@@ -160,3 +155,82 @@ class _BeatingReader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
+
+
+@dataclass(eq=False)
+class _Kept:
+    """One block of :meth:`Attempt.keeping_lease`, as the keeper sees it."""
+
+    attempt: Attempt
+    due: float
+    refused: BaseException | None = None
+    busy: bool = False
+    released: bool = False
+
+
+class LeaseKeeper:
+    """One daemon thread per process that renews the leases of the attempts inside
+    :meth:`Attempt.keeping_lease`, each every third of its lease (``Attempt.heartbeat``, fenced)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._kept: list[_Kept] = []
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._wake_at = 0.0  # when the thread will look again by itself
+
+    def keep(self, attempt: Attempt) -> _Kept:
+        kept = _Kept(attempt, due=time.monotonic() + attempt.lease_s / 3)
+        with self._cond:
+            self._kept.append(kept)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                # First use in this process (a forked worker inherits no threads).
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+            elif kept.due < self._wake_at:
+                self._cond.notify()  # due before the thread's next look (otherwise: no wake-up per task)
+        return kept
+
+    def release(self, kept: _Kept) -> None:
+        """Stop renewing; waits for a renewal of this block in progress to finish."""
+        with self._cond:
+            kept.released = True
+            while kept.busy:
+                self._cond.wait()
+            if kept in self._kept:
+                self._kept.remove(kept)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [kept for kept in self._kept if kept.due <= now]
+                if not due:
+                    self._wake_at = min((kept.due for kept in self._kept), default=now + IDLE_LOOK_S)
+                    self._cond.wait(self._wake_at - now)
+                    continue
+                for kept in due:
+                    kept.busy = True
+            for kept in due:
+                self._renew(kept)
+            with self._cond:
+                for kept in due:
+                    kept.busy = False
+                self._cond.notify_all()
+
+    def _renew(self, kept: _Kept) -> None:
+        attempt = kept.attempt
+        kept.due = time.monotonic() + attempt.lease_s / 3
+        if kept.released:
+            return
+        try:
+            attempt.heartbeat()
+        except Exception as exc:  # LeaseLost, TaskCancelled, DeadlineExceeded, an outage
+            kept.refused = exc
+            with self._cond:
+                if kept in self._kept:
+                    self._kept.remove(kept)
+
+
+KEEPER = LeaseKeeper()

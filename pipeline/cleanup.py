@@ -23,11 +23,16 @@ from storage.base import BlobStore
 logger = logging.getLogger(__name__)
 
 
+# Completed task rows deleted per statement (and transaction) by ``delete_old_task_rows``.
+TASK_DELETE_BATCH = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class CleanupReport:
     jobs_deleted: int = 0
     staging_deleted: int = 0
     versions_deleted: int = 0
+    tasks_deleted: int = 0
 
 
 def delete_old_jobs(engine: Engine, *, retention_days: int, now: datetime | None = None) -> int:
@@ -38,6 +43,35 @@ def delete_old_jobs(engine: Engine, *, retention_days: int, now: datetime | None
             delete(JOBS).where(JOBS.c.status.in_(FINISHED), JOBS.c.created_at < cutoff)
         )
     return int(result.rowcount or 0)
+
+
+def delete_old_task_rows(engine: Engine, *, retention_days: float, now: datetime | None = None,
+                         batch: int = TASK_DELETE_BATCH) -> int:
+    """Delete the completed task rows of jobs that finished more than ``retention_days`` ago
+    (``PIPELINE_TASK_RETENTION_DAYS``), in transactions of at most ``batch`` rows.
+
+    ``sync_tasks`` grows by a row per partition per sync; at 100,000 companies an hour that is
+    19 million rows a day (docs/capacity.md), so completed rows are kept for a shorter time
+    than their jobs. The job row and its counters stay (until ``PIPELINE_RETENTION_DAYS``), and
+    so do failed and cancelled tasks, whose errors are what someone looks at later; the job log
+    lines of a deleted task go with it (ON DELETE CASCADE). Returns how many rows were deleted.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    old = (
+        select(TASKS.c.id)
+        .join(JOBS, JOBS.c.id == TASKS.c.job_id)
+        .where(JOBS.c.status.in_(FINISHED), JOBS.c.completed_at < cutoff, TASKS.c.status == "completed")
+        .limit(batch)
+    )
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            count = int(conn.execute(delete(TASKS).where(TASKS.c.id.in_(old.scalar_subquery()))).rowcount or 0)
+        deleted += count
+        if count < batch:
+            return deleted
 
 
 def id_in(engine: Engine, column: ColumnElement[int], ids: Iterable[int]) -> ColumnElement[bool]:
@@ -118,9 +152,18 @@ def collect_garbage(engine: Engine, store: BlobStore, *, grace_s: float, now: da
     return deleted
 
 
-def cleanup(engine: Engine, store: BlobStore, *, retention_days: int, grace_s: float) -> CleanupReport:
+def cleanup(engine: Engine, store: BlobStore, *, retention_days: int, grace_s: float,
+            task_retention_days: float | None = None) -> CleanupReport:
+    """Old jobs (``retention_days``), then completed task rows of older finished jobs
+    (``task_retention_days``; ``None``: kept as long as their jobs), staging leftovers and
+    unreferenced versions."""
+    jobs = delete_old_jobs(engine, retention_days=retention_days)
+    tasks = 0
+    if task_retention_days is not None and task_retention_days < retention_days:
+        tasks = delete_old_task_rows(engine, retention_days=task_retention_days)
     return CleanupReport(
-        jobs_deleted=delete_old_jobs(engine, retention_days=retention_days),
+        jobs_deleted=jobs,
         staging_deleted=remove_finished_staging(engine, store),
         versions_deleted=collect_garbage(engine, store, grace_s=grace_s),
+        tasks_deleted=tasks,
     )

@@ -461,9 +461,10 @@ def cleanup_cmd(
 
     with runtime() as rt:
         report = cleanup(rt.engine, rt.store, retention_days=retention_days if retention_days is not None
-                         else rt.settings.retention_days, grace_s=rt.settings.gc_grace_s)
-    err.print(f"deleted {report.jobs_deleted} job(s), {report.staging_deleted} staging part(s), "
-              f"{report.versions_deleted} unreferenced version(s)")
+                         else rt.settings.retention_days, grace_s=rt.settings.gc_grace_s,
+                         task_retention_days=rt.settings.task_retention_days)
+    err.print(f"deleted {report.jobs_deleted} job(s), {report.tasks_deleted} completed task row(s), "
+              f"{report.staging_deleted} staging part(s), {report.versions_deleted} unreferenced version(s)")
 
 
 def parse_job_id(value: str) -> uuid.UUID:

@@ -7,6 +7,7 @@ addresses). Both default to the strictest: no key (so no inline secret), public 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,34 +53,63 @@ class DuplicateCompany(ConfigError):
     """Another company already has this external id."""
 
 
-def nul_character_at(value: Any, path: str = "") -> str | None:
-    """The key path of the first string (value or key) holding a NUL character, or ``None``.
+def _unstorable(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character (U+0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800" escape decodes to a code point UTF-8 has no form for
+        return "contains a lone surrogate (U+D800 to U+DFFF), which is not Unicode text and cannot be stored"
+    return None
 
-    PostgreSQL cannot store U+0000 in text or JSONB, so such input is refused up front, naming where.
+
+def unstorable_at(value: Any, path: str = "") -> str | None:
+    """``"<key path>: <why>"`` for the first value (or key) PostgreSQL cannot store, or ``None``.
+
+    PostgreSQL text and JSONB hold neither U+0000 nor a lone UTF-16 surrogate (which JSON can
+    write as an escape), and JSONB no NaN or infinity (which Python's JSON parser reads from
+    ``NaN``, ``Infinity`` or a number as large as ``1e400``), so such input is refused up front,
+    naming where.
     """
     if isinstance(value, str):
-        return path or "value" if "\x00" in value else None
+        why = _unstorable(value)
+        return f"{path or 'value'}: {why}" if why else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path or 'value'}: is not a finite number (JSON numbers are; PostgreSQL stores no NaN or infinity)"
     if isinstance(value, Mapping):
         for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and "\x00" in key:
-                return where
-            found = nul_character_at(item, where)
+            where = f"{path}.{key!s}" if path else str(key)
+            why = _unstorable(key) if isinstance(key, str) else None
+            if why:
+                return f"{where.encode('utf-8', 'backslashreplace').decode()}: {why}"
+            found = unstorable_at(item, where)
             if found:
                 return found
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            found = nul_character_at(item, f"{path}[{index}]")
+            found = unstorable_at(item, f"{path}[{index}]")
             if found:
                 return found
     return None
 
 
-def _refuse_nul(**fields: Any) -> None:
+def _refuse_unstorable(**fields: Any) -> None:
     for name, value in fields.items():
-        found = nul_character_at(value, name)
+        found = unstorable_at(value, name)
         if found:
-            raise ConfigError(f"{found!r} contains a NUL character (U+0000), which cannot be stored")
+            raise ConfigError(found)
+
+
+# The columns' lengths (pipeline.models.Company), so that the CLI gets a message, not a DataError.
+MAX_NAME = 200
+MAX_EXTERNAL_ID = 200
+
+
+def _check_name(name: str) -> None:
+    if not name.strip():
+        raise ConfigError("company name must not be empty")
+    if len(name.strip()) > MAX_NAME:
+        raise ConfigError(f"company name must be at most {MAX_NAME} characters, got {len(name.strip())}")
 
 
 def validate_toggles(toggles: Any) -> dict[str, Any]:
@@ -109,9 +139,10 @@ def add_company(
         ConfigError: empty name, unknown connector, a bad config key (named), a variable or
             address not allowed, bad toggles, or a duplicate external id.
     """
-    if not name.strip():
-        raise ConfigError("company name must not be empty")
-    _refuse_nul(name=name, config=config, toggles=toggles, external_id=external_id)
+    _check_name(name)
+    if external_id is not None and len(external_id) > MAX_EXTERNAL_ID:
+        raise ConfigError(f"external id must be at most {MAX_EXTERNAL_ID} characters, got {len(external_id)}")
+    _refuse_unstorable(name=name, config=config, toggles=toggles, external_id=external_id)
     stored = prepare_config(connector, config, context=context, secrets=secrets)
     company = Company(
         name=name.strip(), connector=connector, connector_config=stored,
@@ -151,14 +182,13 @@ def update_company(
 ) -> Company:
     """Change a company; a new config is validated against its connector before it is stored,
     keeping the stored secrets it omits (see ``prepare_config``)."""
-    _refuse_nul(name=name, config=config, toggles=toggles)
+    _refuse_unstorable(name=name, config=config, toggles=toggles)
     with transaction(engine) as session:
         company = session.get(Company, company_id, with_for_update=True)
         if company is None:
             raise NotFound(f"company {company_id} does not exist")
         if name is not None:
-            if not name.strip():
-                raise ConfigError("company name must not be empty")
+            _check_name(name)
             company.name = name.strip()
         if config is not None:
             company.connector_config = prepare_config(

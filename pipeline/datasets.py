@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import orjson
+import psycopg
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline import metrics
 from pipeline.assembly import SPOOL_BYTES, RenderedDocument, encode_record, read_ndjson
-from pipeline.errors import VersionChanged
+from pipeline.db import driver_autocommit, execute_one
+from pipeline.errors import LeaseLost, TaskCancelled, VersionChanged
 from pipeline.jobs import Claim, complete_task, complete_task_guarded, fence_lost
 from pipeline.models import CURSORS, DATASETS, utcnow
 from pipeline.runtime import Runtime
@@ -30,6 +32,8 @@ STAGING_PREFIX = "_staging"
 # Documents up to this size (still in memory, see pipeline.assembly) are uploaded inside the
 # publishing transaction; larger ones before it.
 INLINE_UPLOAD_BYTES = SPOOL_BYTES
+# Documents up to this size are uploaded from one bytes object rather than streamed from the spool.
+SMALL_BODY_BYTES = 1024 * 1024
 
 
 def serialize(document: Any) -> bytes:
@@ -120,30 +124,94 @@ def _upsert_cursor(conn: Connection, claim: Claim, bookmark: str, now: Any) -> N
                  .on_conflict_do_update(index_elements=keys, set_={"bookmark": bookmark, "updated_at": now}))
 
 
-class _Unmatched(Exception):
-    """The unchanged publish matched nothing: roll its transaction back."""
+# Revision 0007's function: the whole publishing transaction in one statement (PostgreSQL).
+PUBLISH_SQL = (
+    "SELECT pipeline_publish(%(task_id)s::bigint, %(token)s::text, %(company_id)s::bigint, %(resource)s::text,"
+    " %(partition)s::text, %(check_version)s::boolean, %(expected)s::text, %(checksum)s::text,"
+    " %(storage_key)s::text, %(size)s::bigint, %(record_count)s::integer, %(chunks)s::integer,"
+    " %(bookmark)s::text, %(now)s::timestamptz, %(uploaded)s::boolean, %(unlock)s::boolean)"
+)
+SESSION_LOCK_SQL = "SELECT pg_advisory_lock(hashtextextended(%(key)s, 0))"
+SESSION_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"
 
 
-def _publish_unchanged(rt: Runtime, claim: Claim, document: RenderedDocument, where: Any, *, chunks: int
-                       ) -> bool | None:
-    """The same document as the version the lineage started from (invariant 5), in ONE statement:
-    ``synced_at`` moves only while the current version still has this checksum, and the task is
-    completed under its fence and counted on its job in the same statement — no upload, no
-    partition lock (nothing new is pointed at; a concurrent publish or collection makes the
-    checksum test fail). Returns ``None`` when it matched nothing (the version changed, or the
-    fence failed): rolled back, and the general path runs and says why. Else whether this
-    finished the job."""
-    touched = (update(DATASETS).where(where, DATASETS.c.checksum_sha256 == document.checksum)
-               .values(synced_at=utcnow()).returning(DATASETS.c.id).cte("touched"))
+def _partition_key(claim: Claim) -> str:
+    """The key of the partition's advisory lock (``lock_partition``, and revision 0007's function)."""
+    return f"{claim.company_id}/{claim.resource}/{claim.partition}"
+
+
+def _outcome(claim: Claim, outcome: str, expected: str | None) -> bool:
+    """What ``pipeline_publish`` answered, as ``publish`` reports it: whether the job finished.
+
+    Raises:
+        VersionChanged / TaskCancelled / LeaseLost: nothing was written.
+    """
+    if outcome in ("published", "finished"):
+        return outcome == "finished"
+    kind, _, detail = outcome.partition(":")
+    if kind == "changed":
+        raise VersionChanged(
+            f"partition {claim.company_id}/{claim.resource}/{claim.partition} was published by another task "
+            f"after this sync started (version {expected or 'none'} → {detail or None}); starting over")
+    if kind == "lost" and detail == "cancelled":
+        raise TaskCancelled(f"task {claim.task_id} was cancelled")
+    if kind == "lost":
+        raise LeaseLost(f"task {claim.task_id} is no longer held by this worker (status {detail or None})")
+    raise RuntimeError(f"pipeline_publish answered {outcome!r}")  # pragma: no cover - a bug
+
+
+def _publish_in_one_statement(
+    rt: Runtime, claim: Claim, document: RenderedDocument, *, key: str, chunks: int, bookmark: str | None,
+    expected: str | None, check_version: bool, upload: Callable[[], None] | None,
+) -> tuple[bool, bool] | None:
+    """PostgreSQL: publish with revision 0007's ``pipeline_publish``, in autocommit.
+
+    When the lineage's base version has this very checksum (``check_version`` and ``expected``
+    equal to it), the function is first called without an upload: unchanged data costs that one
+    round trip (invariant 5: only ``synced_at`` moves). Otherwise (or if it answers ``upload``)
+    and ``upload`` is given, the partition's session-level advisory lock is taken, the document
+    uploaded under it (the garbage collector cannot delete it before the pointer commits), and
+    the function called once more: it takes the transaction-scoped lock, drops the session one
+    and commits — lock, upload, publish: two round trips and one PUT. Returns ``(job finished,
+    uploaded)``, or ``None`` in place of them when ``upload`` is ``None`` and one is needed.
+
+    Raises:
+        LeaseLost / TaskCancelled / VersionChanged: nothing was written.
+    """
+    params: dict[str, Any] = {
+        "task_id": claim.task_id, "token": claim.token, "company_id": claim.company_id, "resource": claim.resource,
+        "partition": claim.partition, "check_version": check_version, "expected": expected,
+        "checksum": document.checksum, "storage_key": key, "size": document.size,
+        "record_count": document.record_count, "chunks": chunks, "bookmark": bookmark, "now": utcnow(),
+    }
+    lock = {"key": _partition_key(claim)}
+    if (check_version and expected == document.checksum) or upload is None:
+        outcome = execute_one(rt.engine, PUBLISH_SQL, {**params, "uploaded": False, "unlock": False})[0]
+        if outcome != "upload":
+            return _outcome(claim, outcome, expected), False
+        if upload is None:
+            return None
+    with driver_autocommit(rt.engine) as connection:
+        # The session-level lock and the call that drops it must use the same connection.
+        connection.execute(SESSION_LOCK_SQL, lock)
+        try:
+            upload()
+            row = connection.execute(PUBLISH_SQL, {**params, "uploaded": True, "unlock": True}).fetchone()
+        except BaseException:
+            _release(connection, lock)
+            raise
+    assert row is not None
+    return _outcome(claim, row[0], expected), True
+
+
+def _release(connection: psycopg.Connection[Any], lock: dict[str, str]) -> None:
+    """Drop the session-level partition lock after a failed upload or publish; if that cannot be
+    done, close the connection, which drops it too (the pool then replaces it: never hand a
+    locked connection back)."""
     try:
-        with rt.engine.begin() as conn:
-            finished = complete_task_guarded(conn, claim, touched, record_count=document.record_count,
-                                             chunks=chunks)
-            if finished is None:
-                raise _Unmatched
-            return finished
-    except _Unmatched:
-        return None
+        connection.execute(SESSION_UNLOCK_SQL, lock)
+    except Exception:
+        connection.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,31 +266,36 @@ def publish(
     wrap = reader or (lambda file: file)
     checksum = document.checksum
     key = storage_key(claim.company_id, claim.resource, claim.partition, checksum)
-    where = (
-        (DATASETS.c.company_id == claim.company_id)
-        & (DATASETS.c.resource == claim.resource)
-        & (DATASETS.c.partition_key == claim.partition)
-    )
     metadata = {"sha256": checksum, "record-count": str(document.record_count)}
-    if (check_version and expected_checksum == checksum and raw_records is None and bookmark is None
-            and rt.engine.dialect.name == "postgresql"):
-        finished = _publish_unchanged(rt, claim, document, where, chunks=chunks)
-        if finished is not None:
-            metrics.published(claim.resource, records=document.record_count, size=document.size, uploaded=False)
-            return Published(checksum, document.size, document.record_count, False, finished)
 
     def upload() -> None:
         if raw_records is not None:
             rt.store.put(records_key(key), wrap(raw_records.open()), length=raw_records.size,
                          content_type="application/x-ndjson", metadata={"sha256": raw_records.checksum})
-        rt.store.put(key, wrap(document.open()), length=document.size, metadata=metadata)
+        # A document still in memory goes as bytes: one PUT body, no reads through the wrapper
+        # (the attempt's lease keeper renews the lease meanwhile).
+        body = document.read() if document.size <= SMALL_BODY_BYTES else wrap(document.open())
+        rt.store.put(key, body, length=document.size, metadata=metadata)
 
     # A small document on PostgreSQL is uploaded under the partition's lock, inside the
     # publishing transaction: the collector cannot delete it before the pointer commits, which
     # saves a connection round for the pre-check and an S3 HEAD per publish. A large one is
     # uploaded before the lock is taken, so the transaction never waits on a long upload.
-    inline = rt.engine.dialect.name == "postgresql" and max(
-        document.size, raw_records.size if raw_records is not None else 0) <= INLINE_UPLOAD_BYTES
+    postgres = rt.engine.dialect.name == "postgresql"
+    inline = postgres and max(document.size, raw_records.size if raw_records is not None else 0) <= INLINE_UPLOAD_BYTES
+    if postgres and (inline or (check_version and expected_checksum == checksum)):
+        done = _publish_in_one_statement(rt, claim, document, key=key, chunks=chunks, bookmark=bookmark,
+                                         expected=expected_checksum, check_version=check_version,
+                                         upload=upload if inline else None)
+        if done is not None:
+            finished, uploaded = done
+            metrics.published(claim.resource, records=document.record_count, size=document.size, uploaded=uploaded)
+            return Published(checksum, document.size, document.record_count, uploaded, finished)
+    where = (
+        (DATASETS.c.company_id == claim.company_id)
+        & (DATASETS.c.resource == claim.resource)
+        & (DATASETS.c.partition_key == claim.partition)
+    )
     uploaded = False
     if not inline:
         with rt.engine.connect() as conn:

@@ -6,8 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+import psycopg
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -69,3 +72,60 @@ def transaction(engine: Engine) -> Iterator[Session]:
     """One session in one transaction: committed on success, rolled back on any error."""
     with Session(engine, expire_on_commit=False) as session, session.begin():
         yield session
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection in autocommit: each statement is its own transaction, with no BEGIN
+    or COMMIT round trip (the worker's one-statement claim and publish)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
+
+
+@contextmanager
+def driver_autocommit(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled PostgreSQL connection's own psycopg connection, in autocommit, for the worker's
+    hot statements (the claim, the publish): plain SQL with psycopg ``%(name)s`` parameters.
+
+    The statements go straight to psycopg: SQLAlchemy's execution context cost three to four
+    times a statement's own client CPU (about 90 µs against 20 µs; docs/benchmarks.md, issue
+    13). A psycopg error raised in the block comes out as SQLAlchemy would raise it (a
+    ``DBAPIError`` subclass, so callers classify it as before), and a lost connection is handled
+    as SQLAlchemy handles it: the whole pool is invalidated, so every connection opened before
+    the error reconnects on its next checkout. A block that fails otherwise with the connection
+    in doubt calls ``invalidate`` on it (see ``_release`` in ``pipeline.datasets``).
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: the database refused a statement or is unreachable.
+    """
+    pooled = engine.raw_connection()
+    connection = pooled.driver_connection
+    assert isinstance(connection, psycopg.Connection)
+    try:
+        try:
+            connection.autocommit = True
+            try:
+                yield connection
+            finally:
+                if not connection.closed:
+                    connection.autocommit = False
+        except psycopg.Error as exc:
+            lost = engine.dialect.is_disconnect(exc, connection, None)  # type: ignore[arg-type]
+            if lost:
+                engine.pool._invalidate(pooled, exc)  # what SQLAlchemy does on a disconnect
+            raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=lost,
+                                      dialect=engine.dialect) from exc
+    finally:
+        if connection.closed and pooled.dbapi_connection is not None:
+            pooled.invalidate()  # closed in the block (and not invalidated yet): the pool opens a new one
+        pooled.close()
+
+
+def execute_one(engine: Engine, sql: str, params: dict[str, Any]) -> Any:
+    """Run one statement in autocommit (``driver_autocommit``); its first row as a named tuple,
+    or ``None``."""
+    with driver_autocommit(engine) as connection:
+        cursor: psycopg.Cursor[Any] = connection.cursor(row_factory=namedtuple_row)
+        with cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import select, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from connectors import registry
 from connectors.base import Connector, FetchRequest, RateLimiter, Record, ResourceSpec, resource_spec
@@ -65,8 +65,14 @@ class RetryTask(PipelineError):
     """Raised to the broker so that its retry middleware re-sends the message with backoff.
 
     Its kind is the failure's: the broker's retry policy keeps retrying outages (bounded by
-    ``PIPELINE_OUTAGE_RETRY_S``) and gives up on the rest after a few retries.
+    ``PIPELINE_OUTAGE_RETRY_S``) and gives up on the rest after a few retries, unless
+    ``recorded``: the failed attempt is counted on the task, so the database bounds the retries
+    (``MAX_ATTEMPTS``) and the message must not end in the dead-letter queue first.
     """
+
+    def __init__(self, *args: object, kind: FailureKind | None = None, recorded: bool = False) -> None:
+        super().__init__(*args, kind=kind)
+        self.recorded = recorded
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -93,15 +99,23 @@ def describe(exc: BaseException) -> str:
 def database_failure(rt: Runtime, exc: SQLAlchemyError) -> PipelineError:
     """Classify a database error where it surfaced, by asking the database.
 
-    If a fresh connection cannot run ``SELECT 1`` the database is down: an outage. Otherwise the
-    statement itself was refused (a ``DataError`` on text PostgreSQL cannot store, too many bind
-    parameters, a constraint): that is this attempt's failure and spends an attempt.
+    A connection the database dropped (a restart, ``pg_terminate_backend``, a broken link) or
+    could not open (no statement ran) is an outage even if the database answers again by now:
+    after a disconnect SQLAlchemy discards the pool, so a fresh ``SELECT 1`` reconnects and
+    succeeds, yet the statement never ran. Otherwise, if a fresh connection cannot run
+    ``SELECT 1`` the database is down: an outage. Otherwise the statement itself was refused (a
+    ``DataError`` on text PostgreSQL cannot store, too many bind parameters, a constraint): that
+    is this attempt's failure and spends an attempt.
     """
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or exc.statement is None):
+        failure: PipelineError = DatabaseUnavailable(f"database connection lost: {describe(exc)}")
+        failure.__cause__ = exc
+        return failure
     try:
         with rt.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError:
-        failure: PipelineError = DatabaseUnavailable(f"database unavailable: {describe(exc)}")
+        failure = DatabaseUnavailable(f"database unavailable: {describe(exc)}")
     else:
         failure = PipelineError(f"database refused a statement: {describe(exc)}")
     failure.__cause__ = exc
@@ -180,20 +194,23 @@ def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
     kind = classify(exc)
     try:
         if kind is FailureKind.OUTAGE:
-            if isinstance(exc, DatabaseUnavailable):
-                # Nothing can be recorded. The broker retries the message; if it gives up, the
-                # sweeper re-sends the task once its lease expires.
-                raise RetryTask(message, kind=FailureKind.OUTAGE) from exc
-            state = dict(claim.fetch_state or {})
+            service = "database" if isinstance(exc, DatabaseUnavailable) else "blob storage"
+            # The state as this attempt last saved it: a hand-off must not undo a saved chunk.
+            state = dict(attempt.saved_state or {})
             since = float(state.get("outage_since") or time.time())
             if time.time() - since <= settings.outage_retry_s:
-                # Blob storage is down: release the task without spending an attempt; a 30 s
-                # outage must not fail every task that reached it.
-                logger.warning("task %s: blob storage unavailable, will retry: %s", task_id, message)
+                # Release the task without spending an attempt: a 30 s outage must not fail every
+                # task that reached it.
+                logger.warning("task %s: %s unavailable, will retry: %s", task_id, service, message)
                 state["outage_since"] = since
-                attempt.hand_off(f"blob storage unavailable, will retry: {message}", fetch_state=state)
+                try:
+                    attempt.hand_off(f"{service} unavailable, will retry: {message}", fetch_state=state)
+                except SQLAlchemyError:
+                    # The database is still down: nothing can be recorded. The broker retries the
+                    # message; if it gives up, the sweeper re-sends the task once its lease expires.
+                    logger.warning("task %s: the database is still unavailable; the lease will expire", task_id)
                 raise RetryTask(message, kind=FailureKind.OUTAGE) from exc
-            message = (f"blob storage unavailable for more than {settings.outage_retry_s:g}s "
+            message = (f"{service} unavailable for more than {settings.outage_retry_s:g}s "
                        f"(PIPELINE_OUTAGE_RETRY_S); giving up: {message}")
             final = True
         else:
@@ -208,7 +225,7 @@ def _failed(attempt: Attempt, exc: BaseException, started: float) -> Outcome:
     metrics.task_run(claim.resource, Outcome.FAILED.value if final else "retry", started)
     if final:
         return Outcome.FAILED
-    raise RetryTask(message, kind=kind) from exc
+    raise RetryTask(message, kind=kind, recorded=True) from exc
 
 
 def _run(attempt: Attempt, connector: Connector) -> Outcome:

@@ -26,14 +26,14 @@ from sqlalchemy import delete
 from connectors.base import RateLimiter
 from pipeline.control import submit_job
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import ConfigError
+from pipeline.errors import RequestConflict
 from pipeline.execution import Outcome, RetryTask, run_task
 from pipeline.models import JOBS, TASKS
 from pipeline.planning import PlannedJob, coordinate_job
 from pipeline.runtime import Runtime
 
 
-class TooLargeForImmediate(ConfigError):
+class TooLargeForImmediate(RequestConflict):
     """The scope has more tasks than ``PIPELINE_IMMEDIATE_MAX_TASKS``; nothing was started."""
 
 

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from sqlalchemy import CTE, Connection, Engine, Interval, and_, case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
+from pipeline.db import execute_one
 from pipeline.errors import LeaseLost, TaskCancelled
 from pipeline.models import COMPANIES, DATASETS, FINISHED, JOB_LOG, JOBS, TASKS, UTCDateTime, utcnow
 
@@ -77,6 +78,34 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: in
     exist, is finished, is leased by a live worker, or has just been failed for good.
     """
     token = uuid.uuid4().hex
+    if engine.dialect.name == "postgresql":
+        row = _claim_in_one_statement(engine, task_id, token, lease_s=lease_s, max_attempts=max_attempts)
+    else:
+        row = _claim_in_steps(engine, task_id, token, lease_s=lease_s, max_attempts=max_attempts)
+    if row is None:
+        if max_attempts is not None:
+            fail_exhausted(engine, task_id, max_attempts=max_attempts)
+        return None
+    return Claim(
+        task_id=task_id,
+        job_id=row.job_id,
+        company_id=row.company_id,
+        external_id=row.external_id,
+        connector=row.connector,
+        connector_config=dict(row.connector_config or {}),
+        resource=row.resource,
+        partition=row.partition_key,
+        mode=row.mode,
+        attempts=row.attempts,
+        chunks=row.chunks,
+        fetch_state=row.fetch_state,
+        token=token,
+        base_checksum=row.base_checksum,
+    )
+
+
+def _claim_statement(engine: Engine, task_id: int, token: str, *, lease_s: float, max_attempts: int | None) -> Any:
+    """The claim as an ``UPDATE ... RETURNING`` (the SQLite path; ``CLAIM_SQL`` on PostgreSQL)."""
     now = db_now(engine)
     expired = and_(TASKS.c.status == "processing", TASKS.c.lease_until < now)
     if max_attempts is not None:
@@ -98,30 +127,7 @@ def claim_task(engine: Engine, task_id: int, *, lease_s: float, max_attempts: in
             TASKS.c.attempts, TASKS.c.chunks, TASKS.c.fetch_state,
         )
     )
-    if engine.dialect.name == "postgresql":
-        row = _claim_in_one_statement(engine, statement, now)
-    else:
-        row = _claim_in_steps(engine, task_id, statement, now)
-    if row is None:
-        if max_attempts is not None:
-            fail_exhausted(engine, task_id, max_attempts=max_attempts)
-        return None
-    return Claim(
-        task_id=task_id,
-        job_id=row.job_id,
-        company_id=row.company_id,
-        external_id=row.external_id,
-        connector=row.connector,
-        connector_config=dict(row.connector_config or {}),
-        resource=row.resource,
-        partition=row.partition_key,
-        mode=row.mode,
-        attempts=row.attempts,
-        chunks=row.chunks,
-        fetch_state=row.fetch_state,
-        token=token,
-        base_checksum=row.base_checksum,
-    )
+    return statement
 
 
 def fail_exhausted(engine: Engine, task_id: int, *, max_attempts: int) -> bool:
@@ -148,26 +154,38 @@ def fail_exhausted(engine: Engine, task_id: int, *, max_attempts: int) -> bool:
     return True
 
 
-def _claim_in_one_statement(engine: Engine, claim: Any, now: Any) -> Any:
+CLAIM_SQL = """
+WITH claimed AS (
+    UPDATE sync_tasks
+       SET status = 'processing', lease_until = clock_timestamp() + make_interval(secs => %(lease_s)s),
+           lease_token = %(token)s, attempts = attempts + 1, updated_at = clock_timestamp(),
+           started_at = coalesce(started_at, clock_timestamp())
+     WHERE id = %(task_id)s
+       AND (status = 'pending' OR (status = 'processing' AND lease_until < clock_timestamp()
+                                   AND attempts < coalesce(%(max_attempts)s::integer, 2147483647)))
+    RETURNING job_id, company_id, resource, partition_key, attempts, chunks, fetch_state
+), started AS (
+    UPDATE sync_jobs SET status = 'processing', started_at = clock_timestamp()
+     WHERE id = (SELECT job_id FROM claimed) AND status = 'pending'
+)
+SELECT claimed.*, j.mode, c.external_id, c.connector, c.connector_config, d.checksum_sha256 AS base_checksum
+  FROM claimed
+  JOIN sync_jobs j ON j.id = claimed.job_id
+  JOIN companies c ON c.id = claimed.company_id
+  LEFT JOIN datasets d ON d.company_id = claimed.company_id AND d.resource = claimed.resource
+                      AND d.partition_key = claimed.partition_key
+"""
+
+
+def _claim_in_one_statement(engine: Engine, task_id: int, token: str, *, lease_s: float,
+                            max_attempts: int | None) -> Any:
     """PostgreSQL: claim, mark the job started and read what the worker needs in ONE statement
-    (data-modifying CTEs), in autocommit — one round trip on the hottest path of the fleet."""
-    claimed = claim.cte("claimed")
-    started = (
-        update(JOBS)
-        .where(JOBS.c.id == select(claimed.c.job_id).scalar_subquery(), JOBS.c.status == "pending")
-        .values(status="processing", started_at=now)
-        .cte("started")
-    )
-    query = (
-        select(claimed, JOBS.c.mode, COMPANIES.c.external_id, COMPANIES.c.connector, COMPANIES.c.connector_config,
-               DATASETS.c.checksum_sha256.label("base_checksum"))
-        .join(JOBS, JOBS.c.id == claimed.c.job_id)
-        .join(COMPANIES, COMPANIES.c.id == claimed.c.company_id)
-        .outerjoin(DATASETS, _dataset_of(claimed.c.company_id, claimed.c.resource, claimed.c.partition_key))
-        .add_cte(started)
-    )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        return conn.execute(query).one_or_none()
+    (data-modifying CTEs), in autocommit: one round trip on the hottest path of the fleet, and
+    no BEGIN or COMMIT. The statement is plain SQL (``CLAIM_SQL``, the same conditions as the
+    SQLite path's ``update``), so no per-call SQL construction or compilation costs CPU, and
+    psycopg prepares it once per connection (``pipeline.db.PREPARE_THRESHOLD``)."""
+    params = {"task_id": task_id, "token": token, "lease_s": float(lease_s), "max_attempts": max_attempts}
+    return execute_one(engine, CLAIM_SQL, params)
 
 
 def _dataset_of(company_id: Any, resource: Any, partition: Any) -> ColumnElement[bool]:
@@ -175,9 +193,11 @@ def _dataset_of(company_id: Any, resource: Any, partition: Any) -> ColumnElement
                 DATASETS.c.partition_key == partition)
 
 
-def _claim_in_steps(engine: Engine, task_id: int, claim: Any, now: Any) -> Any:
+def _claim_in_steps(engine: Engine, task_id: int, token: str, *, lease_s: float, max_attempts: int | None) -> Any:
     """SQLite has no data-modifying CTEs: the same claim as a few statements in one transaction,
     ending with one read of the row the one-statement claim returns."""
+    claim = _claim_statement(engine, task_id, token, lease_s=lease_s, max_attempts=max_attempts)
+    now = db_now(engine)
     with engine.begin() as conn:
         claimed = conn.execute(claim).one_or_none()
         if claimed is None:

@@ -78,7 +78,7 @@ def build_scheduler(
     scheduler.add_job(
         cleanup, CronTrigger(hour=3, minute=17, timezone="UTC"), id="cleanup",
         kwargs={"engine": rt.engine, "store": rt.store, "retention_days": rt.settings.retention_days,
-                "grace_s": rt.settings.gc_grace_s},
+                "grace_s": rt.settings.gc_grace_s, "task_retention_days": rt.settings.task_retention_days},
         **common,
     )
     return scheduler

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     retry_max_backoff_ms: int = Field(default=60_000, ge=0, le=600_000)
     schedule_cron: str = "0 * * * *"
     retention_days: int = Field(default=7, ge=0)
+    # Completed task rows of finished jobs are deleted after this many days (unset: with their
+    # jobs, after retention_days); job rows and counters stay. docs/capacity.md sizes it.
+    task_retention_days: float | None = Field(default=None, ge=0)
     gc_grace_s: float = Field(default=3600.0, ge=0)
     pending_grace_s: float = Field(default=300.0, gt=0)
     worker_threads: int = Field(default=4, ge=1, le=64)

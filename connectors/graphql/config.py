@@ -22,33 +22,51 @@ values may use ``{partition}`` and ``{external_id}``).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import graphql
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
 
+from connectors.jsontypes import JsonInt
 from connectors.rest.config import (
-    AuthConfig,
+    TEMPLATE_PATTERN,
+    USES_PARTITION_PATTERN,
     DottedPath,
-    NoAuth,
-    NonePartitions,
-    PartitionsConfig,
-    RateLimitConfig,
+    ResourceBase,
     ResourceName,
-    RetryConfig,
-    _check_template,
+    UpstreamConfig,
+    check_templates,
     validation_problems,
 )
-from connectors.transforms import TRANSFORMS
+from connectors.urls import ENDPOINT_PATTERN, check_endpoint
 from errors import ConfigError
 
-VariableName = Annotated[str, StringConstraints(pattern=r"^[_A-Za-z][_0-9A-Za-z]*$", max_length=200)]
+QUERY_RULE = (
+    "One GraphQL `query` operation (a document that parses, with exactly one operation, a query) that"
+    " declares every variable the resource sets: each key of `variables`, the paginator's (relay: `first`"
+    " and `after`, offset: `offset` and `limit`, or the names configured) and the incremental `variable`."
+    " No JSON Schema states a grammar: a config that breaks this rule is refused with 422 naming"
+    " `resources.<name>.query`."
+)
+
+_VARIABLE_NAME = r"^[_A-Za-z][_0-9A-Za-z]*$"
+VariableName = Annotated[str, StringConstraints(pattern=_VARIABLE_NAME, max_length=200)]
 VariableValue = str | int | float | bool | None
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict like the rest config: a config is JSON, and "5" is not a number (the schema says so too).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class NonePaginatorConfig(_Model):
@@ -62,7 +80,7 @@ class RelayPaginatorConfig(_Model):
 
     type: Literal["relay"]
     page_info: DottedPath
-    first: int = Field(default=100, ge=1, le=100_000)
+    first: JsonInt = Field(default=100, ge=1, le=100_000)
     first_variable: VariableName = "first"
     after_variable: VariableName = "after"
 
@@ -74,7 +92,7 @@ class OffsetPaginatorConfig(_Model):
     type: Literal["offset"]
     offset_variable: VariableName = "offset"
     limit_variable: VariableName = "limit"
-    limit: int = Field(default=100, ge=1, le=100_000)
+    limit: JsonInt = Field(default=100, ge=1, le=100_000)
     has_more: DottedPath | None = None
 
 
@@ -103,17 +121,45 @@ def _declared_variables(query: str) -> set[str]:
     return {definition.variable.name.value for definition in operations[0].variable_definitions or ()}
 
 
-class ResourceConfig(_Model):
+_DAILY: JsonDict = {"const": "daily"}
+_PARTITION_TEMPLATE: JsonDict = {"type": "string", "pattern": USES_PARTITION_PATTERN}
+# A variable's name and value (a string is a template, as ``_variables`` checks), for the schema.
+_VARIABLES: JsonDict = {
+    "patternProperties": {
+        _VARIABLE_NAME: {
+            "anyOf": [{"type": "string", "pattern": TEMPLATE_PATTERN}, {"type": "number"}, {"type": "boolean"},
+                      {"type": "null"}]
+        }
+    },
+    "additionalProperties": False,
+}
+
+
+class ResourceConfig(ResourceBase):
     """One resource: its query, variables, paging, and how to read and key its records."""
 
-    query: str = Field(min_length=1, max_length=50_000)
-    variables: dict[VariableName, VariableValue] = Field(default_factory=dict)
-    partitions: PartitionsConfig = NonePartitions(type="none")
+    # ``{partition}`` in a variable only with daily partitions (checked by the connector; stated
+    # here for the schema, as for ``rest``).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["partitions"], "properties": {"partitions": {"properties": {"type": _DAILY}}}},
+                {"properties": {"variables": {"additionalProperties": {"not": _PARTITION_TEMPLATE}}}},
+            ]
+        }
+    )
+
+    query: str = Field(
+        min_length=1, max_length=50_000, description=QUERY_RULE,
+        # An annotation (JSON Schema's content vocabulary): the string is a GraphQL document.
+        json_schema_extra={"contentMediaType": "application/graphql"},
+    )
+    variables: dict[VariableName, VariableValue] = Field(
+        default_factory=dict, json_schema_extra=_VARIABLES
+    )
     records: DottedPath
-    primary_key: str = Field(min_length=1, max_length=200)
     paginator: PaginatorConfig = NonePaginatorConfig(type="none")
     incremental: IncrementalConfig | None = None
-    transform: str = "identity"
 
     @field_validator("query")
     @classmethod
@@ -124,19 +170,7 @@ class ResourceConfig(_Model):
     @field_validator("variables")
     @classmethod
     def _variables(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name, item in value.items():
-            if isinstance(item, str):
-                try:
-                    _check_template(item)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
-        return value
-
-    @field_validator("transform")
-    @classmethod
-    def _transform(cls, value: str) -> str:
-        if value not in TRANSFORMS:
-            raise ValueError(f"unknown transform {value!r}; known: {', '.join(sorted(TRANSFORMS))}")
+        check_templates(value)
         return value
 
     @model_validator(mode="after")
@@ -155,23 +189,17 @@ class ResourceConfig(_Model):
         return self
 
 
-class GraphQLConfig(_Model):
+class GraphQLConfig(UpstreamConfig):
     """A company's ``graphql`` connector config (see the module docstring)."""
 
-    endpoint: str = Field(max_length=2_000)
-    auth: AuthConfig = NoAuth(type="none")
-    timeout_s: float = Field(default=30.0, gt=0, le=600)
-    rate_limit: RateLimitConfig | None = None
-    retry: RetryConfig = RetryConfig()
-    pages_per_chunk: int = Field(default=10, ge=1, le=10_000)
-    resources: dict[ResourceName, ResourceConfig] = Field(min_length=1)
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/?#\s]+(/[^#\s]*)?$", value):
-            raise ValueError("must be an http:// or https:// URL without fragment")
-        return value
+    # The validator's rule, stated in the schema too (not a pydantic constraint, so that a refusal
+    # keeps the validator's message naming the key).
+    endpoint: Annotated[
+        str, Field(max_length=2_000, json_schema_extra={"pattern": ENDPOINT_PATTERN}), AfterValidator(check_endpoint)
+    ]
+    resources: dict[ResourceName, ResourceConfig] = Field(
+        min_length=1, json_schema_extra={"additionalProperties": False}
+    )
 
 
 def parse_config(config: Any) -> GraphQLConfig:

@@ -19,10 +19,15 @@ from connectors.graphql.paginators import Paginator, make_paginator
 from connectors.oauth2 import TokenStore
 from connectors.paging import PageResult, fetch_chunk
 from connectors.rest.config import NonePartitions, secret_paths, uses_placeholder
-from connectors.rest.connector import RestConnector, build_auth, check_auth_admission, partition_keys
-from connectors.rest.http import HttpClient
+from connectors.rest.connector import (
+    RestConnector,
+    check_auth_admission,
+    check_url_admission,
+    connect_upstream,
+    partition_keys,
+    resource_spec,
+)
 from connectors.rest.paginators import MISSING, Page, lookup
-from connectors.transforms import POLICIES
 from errors import ConfigError, ConnectorError, PipelineError, UpstreamError
 
 # Codes providers use for a throttled query answered with HTTP 200 (Shopify: extensions.code
@@ -94,36 +99,18 @@ class GraphQLConnector:
                     if isinstance(value, str) and uses_placeholder(value, "partition"):
                         raise ConfigError(f"graphql config: resources.{name}.variables.{key}: uses {{partition}} "
                                           "but partitions.type is 'none'")
-            spec = ResourceSpec(
-                name=name,
-                primary_key=resource.primary_key,
-                transform=resource.transform,
-                policy=POLICIES[resource.transform],
-                incremental_field=resource.incremental.field if resource.incremental else None,
-            )
+            spec = resource_spec(name, resource, resource.incremental.field if resource.incremental else None)
             self._resources[name] = _Resource(spec, resource, make_paginator(resource.paginator))
-        rate_limit = self.config.rate_limit
-        self._auth, self._token_client = build_auth(
-            self.config, environ=self._context.environ, tokens=tokens, network=self._context.network
+        upstream = connect_upstream(
+            self.config, self.config.endpoint, context=self._context, limiter=limiter, on_response=on_response,
+            tokens=tokens,
         )
-        self._http = HttpClient(
-            self.config.endpoint,
-            timeout_s=self.config.timeout_s,
-            retry=self.config.retry,
-            auth=self._auth,
-            limiter=limiter,
-            requests_per_second=rate_limit.requests_per_second if rate_limit else None,
-            on_response=on_response,
-            network=self._context.network,
-        )
+        self._auth, self._token_client, self._http = upstream.auth, upstream.token_client, upstream.http
 
     def check_admission(self, context: ConnectorContext) -> None:
         """As ``RestConnector.check_admission``, for ``endpoint`` and the auth."""
         check_auth_admission(self.config, context, kind="graphql")
-        try:
-            context.network.check_url(self.config.endpoint)
-        except ConfigError as exc:
-            raise ConfigError(f"graphql config: endpoint: {exc}") from None
+        check_url_admission(self.config.endpoint, context, key="endpoint", kind="graphql")
 
     def secret_paths(self) -> list[tuple[str | int, ...]]:
         return secret_paths(self.config)

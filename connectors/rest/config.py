@@ -27,7 +27,6 @@ incremental ``field`` and ``primary_key`` are top-level record keys; other paths
 
 from __future__ import annotations
 
-import re
 import string
 from typing import Annotated, Any, Literal
 
@@ -49,6 +48,7 @@ from pydantic_core import ErrorDetails
 from connectors.jsontypes import JsonInt, integral
 from connectors.oauth2 import OAuth2ClientCredentials, OAuth2RefreshToken
 from connectors.transforms import TRANSFORMS
+from connectors.urls import BASE_URL_PATTERN, check_base_url
 from errors import ConfigError
 
 PLACEHOLDERS = frozenset({"partition", "external_id"})
@@ -59,21 +59,6 @@ TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:partition|external_id)\})*$"
 """A ``str.format`` template whose only fields are ``{partition}`` and ``{external_id}``."""
 USES_PARTITION_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{external_id\})*\{partition\}"
 """A (valid) template that uses ``{partition}``."""
-_V4 = r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_H = r"[0-9A-Fa-f]{1,4}"
-_V6 = (  # every textual IPv6 form (RFC 4291 §2.2) ipaddress accepts, zone ids aside
-    rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}"
-    rf"|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
-    rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:)|::(?:[Ff]{{4}}(?::0{{1,4}})?:)?{_V4}|(?:{_H}:){{1,4}}:{_V4})"
-)
-BASE_URL_PATTERN = (
-    rf"^https?://(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[{_V6}\])"
-    r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
-    r"(?:/[^?#\x00-\x20\x7f]*)?$"
-)
-r"""http(s), a host name, an IPv4 address or a bracketed IPv6 one (no user info: credentials never
-sit in a URL), an optional port and path (no spaces or control characters; written out, since
-generators and ``re`` disagree on what ``\s`` covers), no query or fragment."""
 _PATH_PATTERN = "^/" + TEMPLATE_PATTERN.removeprefix("^")
 _PARAMS_SCHEMA: JsonDict = {
     "additionalProperties": {
@@ -335,6 +320,17 @@ def _check_template(value: str) -> str:
     return value
 
 
+def check_templates(values: dict[str, Any]) -> None:
+    """``_check_template`` on each string of ``values`` (``params``, graphql ``variables``),
+    a ``ValueError`` naming the key."""
+    for name, item in values.items():
+        if isinstance(item, str):
+            try:
+                _check_template(item)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
+
 def uses_placeholder(template: str, name: str) -> bool:
     """Whether ``template`` (already validated) contains ``{name}``."""
     return any(field == name for _literal, field, _spec, _conv in string.Formatter().parse(template))
@@ -368,7 +364,23 @@ class DetailsConfig(_Model):
         return _check_template(value)
 
 
-class ResourceConfig(_Model):
+class ResourceBase(_Model):
+    """What a resource of the ``rest`` and ``graphql`` connectors shares: its partitions, how its
+    records are keyed, and the transform that shapes the published document."""
+
+    partitions: PartitionsConfig = NonePartitions(type="none")
+    primary_key: str = Field(min_length=1, max_length=200)
+    transform: str = Field(default="identity", json_schema_extra={"enum": _TRANSFORM_NAMES})
+
+    @field_validator("transform")
+    @classmethod
+    def _transform(cls, value: str) -> str:
+        if value not in TRANSFORMS:
+            raise ValueError(f"unknown transform {value!r}; known: {', '.join(sorted(TRANSFORMS))}")
+        return value
+
+
+class ResourceConfig(ResourceBase):
     """One resource: where to fetch it, how to page through it, how to read and key its records."""
 
     # ``{partition}`` only with daily partitions (checked by the connector; stated here for the schema).
@@ -388,13 +400,10 @@ class ResourceConfig(_Model):
 
     path: str = Field(min_length=1, max_length=2_000, json_schema_extra={"pattern": _PATH_PATTERN})
     params: dict[ParamName, ParamValue] = Field(default_factory=dict, json_schema_extra=_PARAMS_SCHEMA)
-    partitions: PartitionsConfig = NonePartitions(type="none")
     records: DottedPath | None = None
     envelope: EnvelopeConfig | None = None
-    primary_key: str = Field(min_length=1, max_length=200)
     paginator: PaginatorConfig = NonePaginatorConfig(type="none")
     incremental: IncrementalConfig | None = None
-    transform: str = Field(default="identity", json_schema_extra={"enum": _TRANSFORM_NAMES})
     details: DetailsConfig | None = None
 
     @field_validator("path")
@@ -412,30 +421,25 @@ class ResourceConfig(_Model):
         for name, item in value.items():
             if not isinstance(item, str | int | float | bool):
                 raise ValueError(f"{name}: must be a string, number or boolean")
-            if isinstance(item, str):
-                try:
-                    _check_template(item)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
-        return value
-
-    @field_validator("transform")
-    @classmethod
-    def _transform(cls, value: str) -> str:
-        if value not in TRANSFORMS:
-            raise ValueError(f"unknown transform {value!r}; known: {', '.join(sorted(TRANSFORMS))}")
+        check_templates(value)
         return value
 
 
-class RestConfig(_Model):
-    """A company's ``rest`` connector config (see the module docstring for the keys)."""
+class UpstreamConfig(_Model):
+    """What the ``rest`` and ``graphql`` configs share: how to authenticate to the upstream, how
+    long to wait for it, how fast to ask, how to retry, and how many pages make a chunk."""
 
-    base_url: str = Field(max_length=2_000, json_schema_extra={"pattern": BASE_URL_PATTERN})
     auth: AuthConfig = NoAuth(type="none")
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     rate_limit: RateLimitConfig | None = None
     retry: RetryConfig = RetryConfig()
     pages_per_chunk: JsonInt = Field(default=10, ge=1, le=10_000)
+
+
+class RestConfig(UpstreamConfig):
+    """A company's ``rest`` connector config (see the module docstring for the keys)."""
+
+    base_url: str = Field(max_length=2_000, json_schema_extra={"pattern": BASE_URL_PATTERN})
     resources: dict[ResourceName, ResourceConfig] = Field(
         min_length=1, json_schema_extra={"additionalProperties": False}
     )
@@ -443,12 +447,7 @@ class RestConfig(_Model):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not re.match(BASE_URL_PATTERN, value):
-            raise ValueError(
-                "must be an http:// or https:// URL: a host name or IPv4 address, an optional port and path,"
-                " no user info, query or fragment"
-            )
-        return value.rstrip("/")
+        return check_base_url(value).rstrip("/")
 
 
 def secret_paths(model: BaseModel, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:

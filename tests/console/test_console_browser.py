@@ -6,6 +6,7 @@ screenshot in ``docs/screenshots/``."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from typing import Any
@@ -13,18 +14,22 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from connectors.base import FetchRequest
 from pipeline.auth import issue_token
-from pipeline.companies import update_company
+from pipeline.companies import add_company, update_company
 from pipeline.control import submit_job
-from pipeline.models import JOBS, TASKS
+from pipeline.models import DATASETS, JOBS, TASKS
 from pipeline.runtime import Runtime
 from tests.console.conftest import BUCKET_BROWSER, Console, log_in_as_operator, log_in_with_token, screenshot
 from tests.console.helpers import run_planned
+from tests.fakes import scripted
+from tests.fakes.scripted import Script, fixed, install
 from tests.integration.control_helpers import add_synthetic, wait_job
 from tests.invariants import check_job_counters
 from tests.services import wait_for
 
 pytestmark = pytest.mark.browser
+scripted.register()
 
 
 def job_id_from(page: Any) -> uuid.UUID:
@@ -91,20 +96,34 @@ def test_sync_now_starts_a_job_whose_live_bar_reaches_100_percent(console: Conso
 
 
 def test_cancel_on_a_running_job_stops_its_tasks(console: Console, page: Any) -> None:
-    company = add_synthetic(console.runtime, "Slow", days_ahead=8, jobs_per_day=40, page_size=2, chunk_delay_s=0.3)
+    # Every task holds after its first chunk until the cancel is in: no race with a fast or slow
+    # machine finishing the job first, or with a task still between two chunks.
+    cancelled = threading.Event()
+
+    def hold(request: FetchRequest, page_number: int) -> None:
+        if page_number == 1:
+            cancelled.wait(60)
+
+    pages = [[{"id": index} for index in range(start, start + 3)] for start in range(0, 9, 3)]
+    script = Script(pages=fixed(pages), partitions=[f"2026-12-0{day}" for day in range(1, 4)], before_fetch=hold)
+    company = add_company(console.runtime.engine, name="Slow", connector=scripted.NAME, config=install(script)).id
     log_in_as_operator(page, console)
     job_id = sync_now(page, console, company)
     page.wait_for_selector("tr.task .t-status:text('processing')", timeout=60_000)
-    page.click("#cancel")
-    page.wait_for_selector(".notice:text('cancelled:')")  # the page the cancel redirected to
+    try:
+        page.click("#cancel")
+        page.wait_for_selector(".notice:text('cancelled:')")  # the page the cancel redirected to
+    finally:
+        cancelled.set()
     assert page.inner_text(".progress .status") == "cancelled"
     statuses = page.locator("tr.task .t-status").all_inner_texts()
     assert "cancelled" in statuses and set(statuses) <= {"completed", "cancelled"}
     screenshot(page, "job-cancelled")
     # Running tasks stop at their next chunk boundary and never publish afterwards.
     wait_for(lambda: "processing" not in task_statuses(console.runtime, job_id), timeout=30, what="tasks to stop")
-    counts = check_job_counters(console.runtime.engine, job_id)
-    assert counts.get("cancelled", 0) >= 1 and set(counts) <= {"completed", "cancelled"}
+    assert check_job_counters(console.runtime.engine, job_id) == {"cancelled": 3}
+    with console.runtime.engine.connect() as conn:
+        assert conn.execute(select(DATASETS.c.id).where(DATASETS.c.company_id == company)).first() is None
 
 
 def test_retry_on_a_failed_job_sends_its_tasks_back_and_the_job_completes(console: Console, page: Any) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import socket
+import struct
 import sys
 import threading
 import time
@@ -51,7 +53,12 @@ def iso(moment: datetime) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServedRequest:
-    """One request as the fake saw it; ``at`` is ``time.monotonic()`` on arrival."""
+    """One request as the fake saw it; ``at`` is ``time.monotonic()`` on arrival.
+
+    ``sent_at`` is when its first bytes reached this host's kernel (``time.time()``, from the
+    socket's receive timestamp): on loopback that is when the client wrote them, whatever
+    this process's threads were doing, so it measures the client's send times.
+    """
 
     method: str
     path: str
@@ -60,6 +67,7 @@ class ServedRequest:
     at: float
     status: int
     body: bytes = b""
+    sent_at: float | None = None
 
     def json(self) -> Any:
         """The request body, decoded as JSON."""
@@ -90,9 +98,18 @@ class BadRequest(Exception):
     """Raised by a route for invalid parameters; becomes the API's own 400 answer."""
 
 
+# Linux's SO_TIMESTAMPNS (not exported by the socket module on every Python).
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeUpstream
+
+    def server_bind(self) -> None:
+        # On the listening socket, so that accepted ones inherit it before their first bytes arrive.
+        self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().server_bind()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -102,6 +119,25 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two writes; with Nagle on, each response waits for a delayed ACK.
     disable_nagle_algorithm = True
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.sent_at: float | None = None
+
+    def handle_one_request(self) -> None:
+        # Peek at the next request's bytes before reading them: the kernel stamps their arrival.
+        # A keep-alive client sends one request at a time, so the newest data queued is its own.
+        try:
+            _, ancillary, _, _ = self.connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
+        except OSError:
+            self.close_connection = True
+            return
+        self.sent_at = None
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = struct.unpack("qq", data[:16])
+                self.sent_at = seconds + nanoseconds / 1e9
+        super().handle_one_request()
 
     def do_GET(self) -> None:
         self.server.fake.serve(self)
@@ -329,7 +365,8 @@ class FakeUpstream:
             except BadRequest as exc:
                 reply = Reply(400, self._error_body(400, str(exc)))
         with self._lock:
-            self._log.append(ServedRequest(handler.command, url.path, params, headers, arrived, reply.status, body))
+            self._log.append(ServedRequest(handler.command, url.path, params, headers, arrived, reply.status, body,
+                                           sent_at=getattr(handler, "sent_at", None)))
         payload = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
         handler.send_response(reply.status)
         handler.send_header("Content-Type", reply.content_type)

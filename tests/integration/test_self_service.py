@@ -1,6 +1,6 @@
 """Issue 14's self-service and immediate mode on PostgreSQL, RabbitMQ and S3: a manager syncs
 and watches only their own company; technicians cannot sync; another company's job answers
-like a missing one; ``"immediate": true`` answers with the finished job, or 422 over the limit."""
+like a missing one; ``"immediate": true`` answers with the finished job, or 409 over the limit."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def test_immediate_post_sync_answers_the_finished_job_view_of_get_sync_jobs(stac
     assert answer.json()["status"] == "completed"
 
 
-def test_immediate_over_the_task_limit_answers_422_naming_immediate_and_plans_nothing(
+def test_immediate_over_the_task_limit_answers_409_naming_immediate_and_plans_nothing(
     stack: Runtime, actors: Actors
 ) -> None:
     company = add_synthetic(stack, "big", days_ahead=5)
@@ -217,7 +217,8 @@ def test_immediate_over_the_task_limit_answers_422_naming_immediate_and_plans_no
         queued = client.post("/v1/sync", json={"immediate": True}, headers=bearer(rt, company, "manager"))
         admin = client.post("/sync", json={"immediate": True})
     for answer in (queued, admin):
-        assert answer.status_code == 422, answer.text
+        # A state conflict, not a malformed body: the same request is run with fewer tasks in scope.
+        assert answer.status_code == 409, answer.text
         message = answer.json()["error"]["message"]
         assert message.startswith("immediate:") and "PIPELINE_IMMEDIATE_MAX_TASKS (3)" in message
     assert count_jobs(stack) == 0

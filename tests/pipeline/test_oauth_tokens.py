@@ -7,6 +7,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +63,45 @@ def config_for(provider: OAuth2Provider, api: StripeApi, refresh_token: str) -> 
     }
 
 
-def workers_auth(
-    engine: Engine, company: int, config: dict[str, Any], count: int
-) -> list[tuple[RestConnector, OAuth2Auth]]:
-    """``count`` connectors as ``count`` workers would build them, each with its own store."""
-    built = []
-    for _ in range(count):
-        connector = RestConnector(config, context=loopback_context(),
-                                  tokens=DatabaseTokenStore(engine, company, sealer=SecretBox(KEY)))
-        assert isinstance(connector._auth, OAuth2Auth)
-        built.append((connector, connector._auth))
-    return built
+@dataclass
+class Tenant:
+    """A company with an OAuth2 REST config, in ``engine``, whose tokens are sealed with ``KEY``."""
+
+    engine: Engine
+    company: int
+    config: dict[str, Any]
+
+    @contextmanager
+    def workers(self, count: int, *, config: dict[str, Any] | None = None) -> Iterator[list[OAuth2Auth]]:
+        """The auth of ``count`` connectors as ``count`` workers would build them, each with its
+        own store; the connectors are closed afterwards."""
+        connectors = [
+            RestConnector(config or self.config, context=loopback_context(),
+                          tokens=DatabaseTokenStore(self.engine, self.company, sealer=SecretBox(KEY)))
+            for _ in range(count)
+        ]
+        try:
+            auths: list[OAuth2Auth] = []
+            for connector in connectors:
+                assert isinstance(connector._auth, OAuth2Auth)
+                auths.append(connector._auth)
+            yield auths
+        finally:
+            for connector in connectors:
+                connector.close()
+
+
+@pytest.fixture
+def make_tenant(provider: OAuth2Provider, stripe_api: StripeApi) -> Callable[..., Tenant]:
+    """``make_tenant(engine, refresh_token=None)``: a new grant unless ``refresh_token`` is given."""
+
+    def make(engine: Engine, refresh_token: str | None = None) -> Tenant:
+        config = config_for(provider, stripe_api, refresh_token or provider.issue_grant(CLIENT_ID))
+        company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
+                              secrets=SecretBox(KEY)).id
+        return Tenant(engine, company, config)
+
+    return make
 
 
 def all_at_once(calls: list[Callable[[], AccessToken]]) -> list[AccessToken]:
@@ -85,41 +116,29 @@ def all_at_once(calls: list[Callable[[], AccessToken]]) -> list[AccessToken]:
 
 
 def test_concurrent_workers_refresh_once_and_share_the_token(
-    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
+    engine: Engine, provider: OAuth2Provider, make_tenant: Callable[..., Tenant]
 ) -> None:
-    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
-                          secrets=SecretBox(KEY)).id
-    workers = workers_auth(engine, company, config, THREADS)
-    try:
-        first = all_at_once([auth.access_token for _, auth in workers])
+    with make_tenant(engine).workers(THREADS) as workers:
+        first = all_at_once([auth.access_token for auth in workers])
         assert provider.refreshes == 1 and len({token.value for token in first}) == 1
 
         # Every worker gets a 401 with that token at once: one refresh, and all use its token.
         stale = first[0].value
-        second = all_at_once([lambda auth=auth: auth._refresh(stale=stale) for _, auth in workers])
-    finally:
-        for connector, _ in workers:
-            connector.close()
+        second = all_at_once([partial(auth._refresh, stale=stale) for auth in workers])
     assert provider.refreshes == 2 and not provider.revoked()
     assert len({token.value for token in second}) == 1 and second[0].value != stale
 
 
 def test_tokens_are_sealed_at_rest_and_the_rotated_refresh_token_is_stored(
-    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
+    engine: Engine, provider: OAuth2Provider, make_tenant: Callable[..., Tenant]
 ) -> None:
-    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
-                          secrets=SecretBox(KEY)).id
-    [(connector, auth)] = workers_auth(engine, company, config, 1)
-    try:
+    tenant = make_tenant(engine)
+    with tenant.workers(1) as [auth]:
         token = auth.access_token()
-    finally:
-        connector.close()
     with engine.connect() as conn:
         row = conn.execute(select(OAUTH_TOKENS)).one()
     rotated = provider.current_refresh_token()
-    assert rotated is not None and rotated != config["auth"]["refresh_token"]
+    assert rotated is not None and rotated != tenant.config["auth"]["refresh_token"]
     stored = repr(row._mapping)
     assert rotated not in stored and token.value not in stored
     assert SecretBox(KEY).open(row.refresh_token) == rotated
@@ -127,38 +146,27 @@ def test_tokens_are_sealed_at_rest_and_the_rotated_refresh_token_is_stored(
 
 
 def test_a_refused_grant_is_remembered_until_the_connection_is_re_authorized(
-    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
+    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi, make_tenant: Callable[..., Tenant]
 ) -> None:
-    config = config_for(provider, stripe_api, "rt_never_issued")
-    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
-                          secrets=SecretBox(KEY)).id
-    [(one, first_worker), (two, second_worker)] = workers_auth(engine, company, config, 2)
-    try:
+    tenant = make_tenant(engine, "rt_never_issued")
+    with tenant.workers(2) as [first_worker, second_worker]:
         with pytest.raises(UpstreamAuthError, match="must be re-authorized"):
             first_worker.access_token()
         with pytest.raises(UpstreamAuthError, match="upstream_auth"):
             second_worker.access_token()
-    finally:
-        one.close()
-        two.close()
     assert len(provider.requests) == 1, "the second worker did not present the refused token again"
 
     renewed = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    [(connector, auth)] = workers_auth(engine, company, renewed, 1)
-    try:
+    with tenant.workers(1, config=renewed) as [auth]:
         assert auth.access_token().value.startswith("at_")
-    finally:
-        connector.close()
 
 
 def test_without_a_secrets_key_the_store_refuses_naming_the_setting(
-    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
+    engine: Engine, make_tenant: Callable[..., Tenant]
 ) -> None:
-    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
-                          secrets=SecretBox(KEY)).id
-    connector = RestConnector(config, context=loopback_context(),
-                              tokens=DatabaseTokenStore(engine, company, sealer=SecretBox(None)))
+    tenant = make_tenant(engine)
+    connector = RestConnector(tenant.config, context=loopback_context(),
+                              tokens=DatabaseTokenStore(engine, tenant.company, sealer=SecretBox(None)))
     try:
         with pytest.raises(ConfigError, match="PIPELINE_SECRETS_KEY is not set"):
             connector._auth.access_token()  # type: ignore[union-attr]
@@ -167,22 +175,17 @@ def test_without_a_secrets_key_the_store_refuses_naming_the_setting(
 
 
 def test_secrets_rotate_re_encrypts_the_stored_tokens_under_the_new_key(
-    engine: Engine, provider: OAuth2Provider, stripe_api: StripeApi
+    engine: Engine, provider: OAuth2Provider, make_tenant: Callable[..., Tenant]
 ) -> None:
-    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
-                          secrets=SecretBox(KEY)).id
-    [(connector, auth)] = workers_auth(engine, company, config, 1)
-    try:
+    tenant = make_tenant(engine)
+    with tenant.workers(1) as [auth]:
         token = auth.access_token()
-    finally:
-        connector.close()
     new_key = Fernet.generate_key().decode()
 
     secrets, _companies = rotate_stored_secrets(engine, SecretBox(f"{new_key},{KEY}"))
 
     assert secrets == 2 + 2, "client_secret and refresh_token in the config, two tokens in oauth_tokens"
-    store = DatabaseTokenStore(engine, company, sealer=SecretBox(new_key))
+    store = DatabaseTokenStore(engine, tenant.company, sealer=SecretBox(new_key))
     current = store.current(auth.grant)
     assert current is not None and current.value == token.value
     with engine.connect() as conn:
@@ -191,17 +194,16 @@ def test_secrets_rotate_re_encrypts_the_stored_tokens_under_the_new_key(
 
 
 def test_a_refresh_waits_for_another_hosts_lock_only_so_long(
-    make_database: Callable[[], str], provider: OAuth2Provider, stripe_api: StripeApi
+    make_database: Callable[[], str], provider: OAuth2Provider, make_tenant: Callable[..., Tenant]
 ) -> None:
     url = make_database()
     migrate.upgrade(url)
     engine = make_engine(url)
-    config = config_for(provider, stripe_api, provider.issue_grant(CLIENT_ID))
-    company = add_company(engine, name="c", connector="rest", config=config, context=loopback_context(),
-                          secrets=SecretBox(KEY)).id
-    [(connector, auth)] = workers_auth(engine, company, config, 1)
+    tenant = make_tenant(engine)
     try:
-        auth.access_token()
+        with tenant.workers(1) as [auth]:
+            auth.access_token()
+        company = tenant.company
         store = DatabaseTokenStore(engine, company, sealer=SecretBox(KEY), lock_wait_s=1.0)
         with engine.connect() as other_host, other_host.begin():
             # Another host's worker is in the middle of a refresh: it holds the row.
@@ -213,5 +215,4 @@ def test_a_refresh_waits_for_another_hosts_lock_only_so_long(
         assert caught.value.retryable and 0.9 <= waited < 10
         assert provider.refreshes == 1, "the waiting worker did not refresh"
     finally:
-        connector.close()
         engine.dispose()
