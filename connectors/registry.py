@@ -30,6 +30,12 @@ def register(name: str, factory: ConnectorFactory, *, config_model: type[BaseMod
         _CONFIG_MODELS[name] = config_model
 
 
+def unregister(name: str) -> None:
+    """Forget connector ``name`` (a test's scoped connector); unknown names are ignored."""
+    _FACTORIES.pop(name, None)
+    _CONFIG_MODELS.pop(name, None)
+
+
 def config_models() -> dict[str, type[BaseModel] | None]:
     """Each connector's config model (``None`` for a connector that registered none), by name."""
     return {name: _CONFIG_MODELS.get(name) for name in names()}

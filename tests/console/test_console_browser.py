@@ -28,8 +28,7 @@ from tests.integration.control_helpers import add_synthetic, wait_job
 from tests.invariants import check_job_counters
 from tests.services import wait_for
 
-pytestmark = pytest.mark.browser
-scripted.register()
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("scripted_connector")]
 
 
 def job_id_from(page: Any) -> uuid.UUID:

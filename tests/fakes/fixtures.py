@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fakes import scripted
 from tests.fakes.graphql_api import GraphQLApi
 from tests.fakes.oauth2 import OAuth2Provider
 from tests.fakes.upstreams import CloseApi, LinkApi, ScheduleApi, StripeApi
@@ -62,3 +63,11 @@ def video_api() -> Iterator[VideoApi]:
     """The YouTube-style search-then-details API: 25 videos."""
     with VideoApi(25) as api:
         yield api
+
+
+@pytest.fixture
+def scripted_connector() -> Iterator[None]:
+    """The test-only ``scripted`` connector, registered for one test (``tests.fakes.scripted``);
+    use it as ``pytestmark = pytest.mark.usefixtures("scripted_connector")``."""
+    with scripted.registered():
+        yield

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -86,5 +87,12 @@ class ScriptedConnector:
         pass
 
 
-def register() -> None:
+@contextmanager
+def registered() -> Iterator[None]:
+    """The scripted connector is buildable inside the block only, so a test that builds the API
+    schema (which lists every registered connector) never sees it, whatever the test order."""
     registry.register(NAME, ScriptedConnector)
+    try:
+        yield
+    finally:
+        registry.unregister(NAME)

@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
 
 from pipeline.execution import Outcome, run_task
@@ -25,7 +26,7 @@ from tests.fakes.scripted import Script, fixed, install
 from tests.invariants import check_job_counters
 from tests.services import wait_for
 
-scripted.register()
+pytestmark = pytest.mark.usefixtures("scripted_connector")
 
 
 def add_company(rt: Runtime, name: str = "c", partitions: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from tests.fakes.scripted import Script, fixed, install
 from tests.reliability.harness import TcpProxy
 from tests.services import wait_for
 
-scripted.register()
+pytestmark = pytest.mark.usefixtures("scripted_connector")
 
 
 def records(start: int, stop: int, **extra: Any) -> list[Record]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import pika.exceptions
+import pytest
 from sqlalchemy import select, update
 
 from pipeline.control import retry_job, submit_job
@@ -16,6 +17,8 @@ from pipeline.runtime import Runtime
 from pipeline.sweeper import sweep
 from tests.fakes.scripted import Script, fixed
 from tests.integration.test_protocol import add_scripted, job_log, plan, records
+
+pytestmark = pytest.mark.usefixtures("scripted_connector")
 
 
 class RecordingBroker:

@@ -70,7 +70,7 @@ from tests.fakes.graphql_api import PagesApi, pages_config
 from tests.fakes.scripted import Script, install
 from tests.invariants import check_job_counters
 
-scripted.register()
+pytestmark = pytest.mark.usefixtures("scripted_connector")
 WORKERS = 3
 MAX_ATTEMPTS = 3
 CI_EXAMPLES = 60
