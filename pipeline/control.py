@@ -28,7 +28,7 @@ from pipeline.dispatch import Dispatcher
 from pipeline.errors import NotFound, PipelineError
 from pipeline.jobs import log
 from pipeline.models import FINISHED, JOB_LOG, JOBS, TASKS, Company, job_status, utcnow
-from pipeline.planning import SubmittedJob, create_job
+from pipeline.planning import LOG_NAMES, PLAN_LOCK, SubmittedJob, create_job, open_partitions
 from pipeline.progress import JobProgress
 
 logger = logging.getLogger(__name__)
@@ -365,31 +365,52 @@ def retry_job(
 
     Those tasks become ``pending`` with their attempts, lease, cursor and error cleared; the job
     becomes ``processing`` again with its counters adjusted; the tasks are enqueued with the
-    job's priority after the commit.
+    job's priority after the commit. A task whose partition has an open (pending or processing)
+    task in another job is left as it is, as planning leaves such a partition (two open tasks
+    would both publish: issue 11, defect 7); the job's log names the partitions left and why.
+    On PostgreSQL this holds the planning lock (``pipeline.planning.PLAN_LOCK``) until the
+    commit, so a plan at the same moment cannot miss the reopened tasks, nor retry its tasks.
 
     Raises:
         NotFound: no such job.
-        InvalidJobState: the job is still running, or has no failed or cancelled task.
+        InvalidJobState: the job is still running, has no failed or cancelled task, or every
+            such task's partition has an open task in another job.
     """
     now = utcnow()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
         job = conn.execute(select(JOBS).where(JOBS.c.id == job_id).with_for_update()).one_or_none()
         if job is None:
             raise NotFound(f"job {job_id} does not exist")
         if job.status not in FINISHED:
             raise InvalidJobState(f"job {job_id} is still {job.status}; only a finished job can be retried")
-        before = Counter(conn.execute(
-            select(TASKS.c.status).where(TASKS.c.job_id == job_id, TASKS.c.status.in_(("failed", "cancelled")))
-        ).scalars())
-        if not before:
-            raise InvalidJobState(f"job {job_id} has no failed or cancelled task to retry")
-        task_ids = list(conn.execute(
-            update(TASKS)
+        candidates = conn.execute(
+            select(TASKS.c.id, TASKS.c.status, TASKS.c.company_id, TASKS.c.resource, TASKS.c.partition_key)
             .where(TASKS.c.job_id == job_id, TASKS.c.status.in_(("failed", "cancelled")))
+            .order_by(TASKS.c.id)
+        ).all()
+        if not candidates:
+            raise InvalidJobState(f"job {job_id} has no failed or cancelled task to retry")
+        busy = open_partitions(conn, sorted({row.company_id for row in candidates}))
+        left = [row for row in candidates if (row.company_id, row.resource, row.partition_key) in busy]
+        left_ids = {row.id for row in left}
+        retried = [row for row in candidates if row.id not in left_ids]
+        names = [f"{row.company_id}/{row.resource}/{row.partition_key}" for row in left]
+        more = f" and {len(names) - LOG_NAMES} more" if len(names) > LOG_NAMES else ""
+        shown = ", ".join(names[:LOG_NAMES]) + more
+        if not retried:
+            raise InvalidJobState(
+                f"job {job_id} has no failed or cancelled task to retry: the partition of every one "
+                f"({len(left)}) has an open task in another job: {shown}")
+        before = Counter(row.status for row in retried)
+        task_ids = [row.id for row in retried]
+        conn.execute(
+            update(TASKS)
+            .where(id_in(engine, TASKS.c.id, task_ids), TASKS.c.status.in_(("failed", "cancelled")))
             .values(status="pending", attempts=0, lease_until=None, lease_token=None, error_message=None,
                     error_code=None, fetch_state=None, chunks=0, record_count=0, completed_at=None, updated_at=now)
-            .returning(TASKS.c.id)
-        ).scalars())
+        )
         conn.execute(
             update(JOBS).where(JOBS.c.id == job_id)
             .values(status="processing", completed_at=None, error_message=None,
@@ -402,7 +423,11 @@ def retry_job(
             "sent back to work",
             {"event": "retry", "requested_by": requested_by, "failed": before["failed"],
              "cancelled": before["cancelled"]})
-    task_ids.sort()
+        if left:
+            log(conn, job_id, None, "warning",
+                f"retry left {len(left)} task(s) as they are: their partition has an open task in another job, "
+                f"which is left to finish (two open tasks of a partition would both publish): {shown}",
+                {"event": "retry_skipped_open_partitions", "count": len(left), "partitions": names[:LOG_NAMES]})
     if dispatcher is not None:
         send_committed(engine, dispatcher, job_id, task_ids, priority=job.priority)
     return RetryResult(job_id=job_id, status="processing", retried_tasks=len(task_ids), priority=job.priority)

@@ -91,7 +91,7 @@ class _Rows:
     broken: list[tuple[int, str]]
 
 
-def _open_partitions(conn: Connection, company_ids: list[int]) -> set[tuple[int, str, str]]:
+def open_partitions(conn: Connection, company_ids: list[int]) -> set[tuple[int, str, str]]:
     """(company, resource, partition) of every task still open, among ``company_ids``."""
     if not company_ids:
         return set()
@@ -199,7 +199,7 @@ def _plan_rows(conn: Connection, scope: _Scope, today: date) -> _Rows:
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
     companies = _scope_companies(conn, scope.company_ids)
-    busy = _open_partitions(conn, [company.id for company in companies])
+    busy = open_partitions(conn, [company.id for company in companies])
     skipped: list[tuple[int, str, str]] = []
     broken: list[tuple[int, str]] = []
     rows: list[tuple[int, str, str]] = []
@@ -323,9 +323,9 @@ def plan_job(
     (defect 7). The open task is left to finish (skipped, not superseded: it may be far along,
     and it fetches the upstream as it is now). The job's log names the skipped partitions and
     counts them; a job whose every partition was skipped is completed at once with no task.
-    Where two open tasks of one partition still meet (``retry_job`` reopening a failed task
-    while a newer job's task is open), publishing compare-and-swaps on the version the lineage
-    started from, so stale data never lands on top of newer data. When planning
+    ``retry_job`` follows the same rule under the same lock. Should two open tasks of one
+    partition ever meet, publishing compare-and-swaps on the version the lineage started from,
+    so stale data never lands on top of newer data. When planning
     every company, one whose stored config no longer validates is skipped and named in the
     log instead of aborting the job for every tenant (defect 11). The same holds for the
     coordinator (``coordinate_job``).

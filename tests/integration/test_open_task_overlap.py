@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
+from pipeline.control import InvalidJobState, retry_job
 from pipeline.execution import Outcome, run_task
+from pipeline.jobs import claim_task, record_attempt_failure
 from pipeline.models import JOB_LOG, JOBS, TASKS
 from pipeline.planning import PLAN_LOCK, PlannedJob, coordinate_job, create_job, plan_job
 from pipeline.runtime import Runtime
@@ -133,3 +135,110 @@ def test_two_plans_at_the_same_moment_give_a_partition_one_open_task(stack: Runt
     assert sorted(planned.total_tasks for planned in results if planned is not None) == [0, 2]
     assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "a"): 1,
                                                (company, scripted.RESOURCE, "b"): 1}
+
+
+def fail(rt: Runtime, task_id: int) -> None:
+    claim = claim_task(rt.engine, task_id, lease_s=60)
+    assert claim is not None
+    record_attempt_failure(rt.engine, claim, "injected", final=True)
+
+
+def task_status(rt: Runtime, task_id: int) -> str:
+    with rt.engine.connect() as conn:
+        return str(conn.execute(select(TASKS.c.status).where(TASKS.c.id == task_id)).scalar_one())
+
+
+def retry_entries(rt: Runtime, job_id: uuid.UUID) -> list[Any]:
+    with rt.engine.connect() as conn:
+        rows = conn.execute(select(JOB_LOG).where(JOB_LOG.c.job_id == job_id).order_by(JOB_LOG.c.id)).all()
+    return [row for row in rows if (row.data or {}).get("event") == "retry_skipped_open_partitions"]
+
+
+def test_retry_leaves_a_task_whose_partition_a_newer_job_has_open_and_retries_the_others(stack: Runtime) -> None:
+    company = add_company(stack, partitions=["a", "b"])
+    first = plan_job(stack.engine, None, trigger="api", company_ids=[company])
+    assert first is not None and first.total_tasks == 2
+    task_a, task_b = first.task_ids
+    fail(stack, task_a)
+    fail(stack, task_b)
+    assert job(stack, first.job_id).status == "failed"
+    newer = plan_job(stack.engine, None, trigger="api", company_ids=[company], partitions=["b"])
+    assert newer is not None and newer.total_tasks == 1
+
+    result = retry_job(stack.engine, None, job_id=first.job_id, requested_by="test")
+    assert result.retried_tasks == 1
+    assert task_status(stack, task_a) == "pending"
+    assert task_status(stack, task_b) == "failed", "b has an open task in the newer job: left as it is"
+    assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "a"): 1,
+                                               (company, scripted.RESOURCE, "b"): 1}
+    row = job(stack, first.job_id)
+    assert row.status == "processing" and row.failed_tasks == 1
+    (entry,) = retry_entries(stack, first.job_id)
+    assert entry.level == "warning" and entry.data["count"] == 1
+    assert entry.message.startswith("retry left 1 task(s) as they are: their partition has an open task in another job")
+    assert entry.message.endswith(f"{company}/{scripted.RESOURCE}/b")
+    # The retried task finishes and the job ends failed: b is still failed in it.
+    assert run_task(stack, task_a) is Outcome.COMPLETED
+    assert job(stack, first.job_id).status == "failed"
+    check_job_counters(stack.engine, first.job_id)
+
+
+def test_retry_with_every_partition_open_elsewhere_is_refused_naming_why_and_changes_nothing(
+    stack: Runtime,
+) -> None:
+    company = add_company(stack)
+    first = plan_job(stack.engine, None, trigger="api", company_ids=[company])
+    assert first is not None
+    (task,) = first.task_ids
+    fail(stack, task)
+    newer = plan_job(stack.engine, None, trigger="api", company_ids=[company])
+    assert newer is not None and newer.total_tasks == 1
+
+    expected = (f"job {first.job_id} has no failed or cancelled task to retry: the partition of every one (1) "
+                f"has an open task in another job: {company}/{scripted.RESOURCE}/all")
+    with pytest.raises(InvalidJobState) as refused:
+        retry_job(stack.engine, None, job_id=first.job_id, requested_by="test")
+    assert str(refused.value) == expected
+    assert task_status(stack, task) == "failed" and job(stack, first.job_id).status == "failed"
+    assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "all"): 1}
+    # Once the newer job's task ends, the retry goes ahead.
+    assert run_task(stack, newer.task_ids[0]) is Outcome.COMPLETED
+    assert retry_job(stack.engine, None, job_id=first.job_id, requested_by="test").retried_tasks == 1
+    assert task_status(stack, task) == "pending"
+
+
+def test_a_retry_and_a_plan_at_the_same_moment_give_a_partition_one_open_task(stack: Runtime) -> None:
+    company = add_company(stack)
+    first = plan_job(stack.engine, None, trigger="api", company_ids=[company])
+    assert first is not None
+    fail(stack, first.task_ids[0])
+    errors: list[BaseException] = []
+
+    def attempt(call: Any) -> None:
+        try:
+            call()
+        except InvalidJobState:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    calls = [lambda: retry_job(stack.engine, None, job_id=first.job_id, requested_by="test"),
+             lambda: people_sync(stack, company)]
+    with stack.engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
+        threads = [threading.Thread(target=attempt, args=(call,)) for call in calls]
+        for thread in threads:
+            thread.start()
+
+        def waiting() -> int:
+            return int(holder.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND objid = (hashtextextended(:key, 0) & x'ffffffff'::bigint)::oid"), {"key": PLAN_LOCK}).scalar_one())
+
+        wait_for(lambda: waiting() == 2, timeout=30, what="the retry and the planner to wait on the planning lock")
+        holder.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
+        holder.commit()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "all"): 1}
