@@ -69,5 +69,9 @@ def video_api() -> Iterator[VideoApi]:
 def scripted_connector() -> Iterator[None]:
     """The test-only ``scripted`` connector, registered for one test (``tests.fakes.scripted``);
     use it as ``pytestmark = pytest.mark.usefixtures("scripted_connector")``."""
+    # The API's company models are fixed when pipeline.api.companies is first imported: import it
+    # before registering, so a test that imports it lazily never freezes this connector in.
+    import pipeline.api.companies  # noqa: F401
+
     with scripted.registered():
         yield
