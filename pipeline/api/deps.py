@@ -67,10 +67,17 @@ class TTLCache(Generic[K, V]):
     ``cachetools.TTLCache``: measured here (timeit, loaded 2-core box), its lookup hit costs
     0.9–2.8 µs against 0.5–1.1 µs for this one, and a read request makes two or three; the age
     is computed here anyway, since a stale entry must be told from a fresh one.
+
+    Parameters:
+        timer: the clock ages are measured on, in seconds (default ``time.monotonic``).
     """
 
-    def __init__(self, ttl_s: float, max_entries: int, *, stale_s: float | None = None) -> None:
+    def __init__(
+        self, ttl_s: float, max_entries: int, *, stale_s: float | None = None,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl_s = ttl_s
+        self._timer = timer  # seconds; injectable so tests drive the clock
         self.stale_s = ttl_s if stale_s is None else stale_s
         self.max_entries = max_entries
         self._entries: cachetools.LRUCache[K, tuple[float, V]] = cachetools.LRUCache(maxsize=max_entries)
@@ -84,7 +91,7 @@ class TTLCache(Generic[K, V]):
                 stored, value = self._entries[key]
             except KeyError:
                 return None
-            age = time.monotonic() - stored
+            age = self._timer() - stored
             if age >= self.ttl_s + self.stale_s:
                 del self._entries[key]
                 return None
@@ -92,7 +99,7 @@ class TTLCache(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         with self._lock:
-            self._entries[key] = (time.monotonic(), value)
+            self._entries[key] = (self._timer(), value)
 
     def clear(self) -> None:
         with self._lock:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -65,24 +67,54 @@ def test_a_direct_route_refuses_parameters_it_would_not_pass() -> None:
             APIRouter().add_api_route("/x/{name}", endpoint, route_class_override=DirectRoute)
 
 
+class Clock:
+    """A clock the test moves by hand (``TTLCache(timer=...)``), so no cache test depends on
+    how fast this machine runs."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``condition`` on the event loop; the deadline only bounds a hang, it times nothing."""
+    deadline = time.monotonic() + 30
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 def test_metadata_entries_are_refreshed_in_the_background_once_stale() -> None:
     loads: list[int] = []
+    release = threading.Event()
 
     def load() -> int:
+        if loads:  # the refresh waits until the test has seen the stale value served
+            assert release.wait(30)
         loads.append(1)
         return len(loads)
 
     async def scenario() -> None:
-        cache: TTLCache[str, int] = TTLCache(0.2, 10, stale_s=5)
+        clock = Clock()
+        cache: TTLCache[str, int] = TTLCache(10, 10, stale_s=5, timer=clock)
         assert await cache.get_or_load("k", load) == 1
+        clock.now += 9.5
         assert await cache.get_or_load("k", load) == 1 and len(loads) == 1  # fresh: no load
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (found := cache.lookup("k")) is not None and found[0] < 0.2:
-            await asyncio.sleep(0.02)
-        assert await cache.get_or_load("k", load) == 1  # stale: served at once, refresh started
-        while time.monotonic() < deadline and await cache.get_or_load("k", load) != 2:
-            await asyncio.sleep(0.02)
-        assert await cache.get_or_load("k", load) == 2 and len(loads) == 2
+        assert cache.lookup("k") == (9.5, 1)
+        clock.now += 0.5
+        # Stale: served at once, while the one refresh it started is still blocked in its load.
+        for _ in range(5):
+            assert await cache.get_or_load("k", load) == 1
+        release.set()
+
+        async def refreshed() -> bool:
+            return await cache.get_or_load("k", load) == 2
+
+        await until(refreshed, "the background refresh")
+        assert len(loads) == 2, "stale reads share one refresh"
+        assert cache.lookup("k") == (0.0, 2), "the refreshed entry is fresh again"
 
     asyncio.run(scenario())
 
@@ -91,17 +123,20 @@ def test_concurrent_misses_share_one_load_and_too_old_entries_are_not_served() -
     loads: list[int] = []
 
     def load() -> int:
-        time.sleep(0.05)
         loads.append(1)
         return len(loads)
 
     async def scenario() -> None:
-        cache: TTLCache[str, int] = TTLCache(0.05, 10, stale_s=0.05)
+        clock = Clock()
+        cache: TTLCache[str, int] = TTLCache(10, 10, stale_s=5, timer=clock)
+        # Every caller reaches the cache before the load task first runs, so all share it.
         assert await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(20))) == [1] * 20
-        deadline = time.monotonic() + 5
-        while cache.lookup("k") is not None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        assert len(loads) == 1
+        clock.now += 14.5
+        assert cache.lookup("k") == (14.5, 1), "stale, still served"
+        clock.now += 0.5
+        assert cache.lookup("k") is None, "ttl_s + stale_s old: never served"
         assert await cache.get_or_load("k", load) == 2  # waited for a new load
+        assert len(loads) == 2
 
     asyncio.run(scenario())
