@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,7 +319,10 @@ class TokenVerifier:
         ConfigError: no usable ``PIPELINE_JWT_SECRET`` and no ``PIPELINE_JWKS_URL``.
     """
 
-    def __init__(self, settings: Settings, *, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, settings: Settings, *, max_entries: int = 10_000, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._clock = clock  # epoch seconds for a memo hit's ``exp`` check; injectable for tests
         self._secret = _builtin_secret(settings)
         self._issuer = settings.jwt_issuer
         self._provider = _Provider(settings) if settings.jwks_url else None
@@ -332,7 +335,7 @@ class TokenVerifier:
             entry = self._verified.get(token)
         if entry is not None:
             principal, exp = entry
-            if time.time() < exp:
+            if self._clock() < exp:
                 return principal
             with self._lock:
                 self._verified.pop(token, None)
