@@ -369,7 +369,7 @@ def retry_job(
     task in another job is left as it is, as planning leaves such a partition (two open tasks
     would both publish: issue 11, defect 7); the job's log names the partitions left and why.
     On PostgreSQL this holds the planning lock (``pipeline.planning.PLAN_LOCK``) until the
-    commit, so a plan at the same moment cannot miss the reopened tasks, nor retry its tasks.
+    commit, so a plan and a retry at the same moment each see the other's open tasks.
 
     Raises:
         NotFound: no such job.
