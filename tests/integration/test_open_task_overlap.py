@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -103,21 +104,20 @@ def test_a_tick_skips_a_partition_a_persons_sync_has_open_and_plans_the_others(s
     assert set(open_tasks_per_partition(stack).values()) == {1}
 
 
-def test_two_plans_at_the_same_moment_give_a_partition_one_open_task(stack: Runtime) -> None:
-    company = add_company(stack, partitions=["a", "b"])
-    results: list[PlannedJob | None] = []
+def at_once_on_the_plan_lock(rt: Runtime, calls: list[Callable[[], object]]) -> list[BaseException]:
+    """Run ``calls`` in threads while this test holds ``PLAN_LOCK``, release it once every one
+    waits on it (so they are all inside their transaction at once); the errors they raised."""
     errors: list[BaseException] = []
 
-    def plan() -> None:
+    def run(call: Callable[[], object]) -> None:
         try:
-            results.append(people_sync(stack, company))
+            call()
         except BaseException as exc:
             errors.append(exc)
 
-    # Hold the planning lock so both planners are inside planning at once, waiting on it.
-    with stack.engine.connect() as holder:
+    with rt.engine.connect() as holder:
         holder.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
-        threads = [threading.Thread(target=plan) for _ in range(2)]
+        threads = [threading.Thread(target=run, args=(call,)) for call in calls]
         for thread in threads:
             thread.start()
 
@@ -126,11 +126,18 @@ def test_two_plans_at_the_same_moment_give_a_partition_one_open_task(stack: Runt
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                 "AND objid = (hashtextextended(:key, 0) & x'ffffffff'::bigint)::oid"), {"key": PLAN_LOCK}).scalar_one())
 
-        wait_for(lambda: waiting() == 2, timeout=30, what="both planners to wait on the planning lock")
+        wait_for(lambda: waiting() == len(calls), timeout=30, what="every caller to wait on the planning lock")
         holder.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
         holder.commit()
         for thread in threads:
             thread.join(60)
+    return errors
+
+
+def test_two_plans_at_the_same_moment_give_a_partition_one_open_task(stack: Runtime) -> None:
+    company = add_company(stack, partitions=["a", "b"])
+    results: list[PlannedJob | None] = []
+    errors = at_once_on_the_plan_lock(stack, [lambda: results.append(people_sync(stack, company))] * 2)
     assert errors == []
     assert sorted(planned.total_tasks for planned in results if planned is not None) == [0, 2]
     assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "a"): 1,
@@ -212,33 +219,11 @@ def test_a_retry_and_a_plan_at_the_same_moment_give_a_partition_one_open_task(st
     first = plan_job(stack.engine, None, trigger="api", company_ids=[company])
     assert first is not None
     fail(stack, first.task_ids[0])
-    errors: list[BaseException] = []
-
-    def attempt(call: Any) -> None:
-        try:
-            call()
-        except InvalidJobState:
-            pass
-        except BaseException as exc:
-            errors.append(exc)
-
-    calls = [lambda: retry_job(stack.engine, None, job_id=first.job_id, requested_by="test"),
-             lambda: people_sync(stack, company)]
-    with stack.engine.connect() as holder:
-        holder.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
-        threads = [threading.Thread(target=attempt, args=(call,)) for call in calls]
-        for thread in threads:
-            thread.start()
-
-        def waiting() -> int:
-            return int(holder.execute(text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-                "AND objid = (hashtextextended(:key, 0) & x'ffffffff'::bigint)::oid"), {"key": PLAN_LOCK}).scalar_one())
-
-        wait_for(lambda: waiting() == 2, timeout=30, what="the retry and the planner to wait on the planning lock")
-        holder.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": PLAN_LOCK})
-        holder.commit()
-        for thread in threads:
-            thread.join(60)
-    assert errors == []
+    errors = at_once_on_the_plan_lock(stack, [
+        lambda: retry_job(stack.engine, None, job_id=first.job_id, requested_by="test"),
+        lambda: people_sync(stack, company),
+    ])
+    # Whichever went first has the partition's one open task; a retry that came second is refused.
+    assert all(isinstance(error, InvalidJobState) and "has an open task in another job" in str(error)
+               for error in errors), errors
     assert open_tasks_per_partition(stack) == {(company, scripted.RESOURCE, "all"): 1}
