@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -372,6 +373,24 @@ def test_an_id_filter_over_70000_ids_runs_as_one_bind_parameter(stack: Runtime) 
     with stack.engine.connect() as conn:
         assert conn.execute(select(TASKS.c.id).where(id_in(stack.engine, TASKS.c.id, range(70_000)))).all() == []
 
+
+
+def test_cleanup_with_70000_staged_tasks_removes_their_parts_without_a_database_error(
+    stack: Runtime, tmp_path: Path
+) -> None:
+    """The cleanup half of defect 9 through the function the old code had: ``remove_finished_staging``
+    looks up every staged task id in one query, and 70,000 of them (left by tasks that no longer
+    exist) were more bind parameters than an ``IN`` may have."""
+    from pipeline.cleanup import remove_finished_staging
+    from storage.local import LocalBlobStore
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    staging = tmp_path / "blobs" / "_staging"
+    for task_id in range(1, 70_001):  # the parts as the store lays them out, written directly
+        (staging / str(task_id)).mkdir(parents=True)
+        (staging / str(task_id) / "0").write_bytes(b"[]")
+    assert remove_finished_staging(stack.engine, store) == 70_000
+    assert list(store.list("_staging/")) == []
 
 # --- defect 11 ----------------------------------------------------------------------------------
 
