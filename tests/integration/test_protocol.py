@@ -432,6 +432,8 @@ def test_a_host_whose_clock_runs_an_hour_ahead_cannot_steal_a_live_lease(
 
 @pytest.mark.parametrize(("bad", "message"), [
     ({"id": [1, 2]}, "primary key 'id' is a JSON array"),
+    ({"id": {"a": 1}}, "primary key 'id' is a JSON object"),  # retried as "unhashable type: 'dict'" before
+    ({"id": True}, "primary key 'id' is a JSON boolean"),  # published as a key before
     ({"id": 2**70}, "cannot be stored"),
     ("just a string", "is a JSON string, expected an object"),
 ])
