@@ -98,7 +98,14 @@ def driver_autocommit(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
     Raises:
         sqlalchemy.exc.DBAPIError: the database refused a statement or is unreachable.
     """
-    pooled = engine.raw_connection()
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as exc:
+        # raw_connection() raises the driver's own error when it cannot connect (engine.connect()
+        # wraps it): wrap it as SQLAlchemy would, so a database that is down or shutting down is
+        # classified as an outage like any other connection failure, never left unclassified.
+        raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=True,
+                                  dialect=engine.dialect) from exc
     connection = pooled.driver_connection
     assert isinstance(connection, psycopg.Connection)
     try:

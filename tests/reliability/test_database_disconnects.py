@@ -14,10 +14,12 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from actors.broker import retry_policy
 from pipeline.db import make_engine
 from pipeline.errors import FailureKind
-from pipeline.execution import database_failure
+from pipeline.execution import RetryTask, database_failure, is_outage, run_task
 from pipeline.models import JOB_LOG
+from pipeline.runtime import Runtime
 from tests.reliability.harness import TINY, Harness, Size
 from tests.services import wait_for
 
@@ -77,3 +79,20 @@ def test_a_connection_that_could_not_be_opened_is_an_outage_even_once_the_databa
     with pytest.raises(DBAPIError) as divided, h.engine.connect() as conn:
         conn.execute(text("SELECT 1 / 0"))
     assert database_failure(h.rt, divided.value).kind is FailureKind.RETRYABLE, "a refused statement spends an attempt"
+
+
+def test_a_claim_that_cannot_connect_is_retried_as_an_outage_not_dead_lettered(make_harness: Any) -> None:
+    # The claim runs on the pool's raw psycopg connection (pipeline.db.driver_autocommit), whose
+    # connect error is the driver's own: left unwrapped it escaped every classification, and after
+    # a PostgreSQL restart 282 messages were dead-lettered once their few ordinary retries ran out.
+    h: Harness = make_harness(SIZE)
+    unreachable = h.worker_settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:1/none"})
+    rt = Runtime.from_settings(unreachable, pre_ping=False)
+    try:
+        with pytest.raises(RetryTask) as retried:
+            run_task(rt, 1)
+    finally:
+        rt.close()
+    assert retried.value.kind is FailureKind.OUTAGE and is_outage(retried.value), retried.value
+    give_up_after = retry_policy(5, max_outage_retries=1000)
+    assert give_up_after(50, retried.value), "an outage is retried past the ordinary retry count"
