@@ -52,6 +52,21 @@ def _index(cursor: str) -> int:
         raise graphql.GraphQLError(f"`{cursor}` does not appear to be a valid cursor.") from None
 
 
+
+def serve_graphql(schema: graphql.GraphQLSchema, root: dict[str, Any], path: str, body: bytes) -> Reply:
+    """One GraphQL-over-HTTP POST to ``/graphql``, executed against ``schema`` with ``root``."""
+    if path != "/graphql":
+        return Reply(404, {"errors": [{"message": f"No route {path}"}]})
+    try:
+        request = json.loads(body)
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(request, dict) or not isinstance(request.get("query"), str):
+        raise BadRequest("the body must be an object with a 'query' string")
+    result = graphql.graphql_sync(schema, request["query"], root_value=root,
+                                  variable_values=request.get("variables"), field_resolver=_root_or_default)
+    return Reply(200, result.formatted)
+
 class GraphQLApi(FakeUpstream):
     """``count`` jobs per day and ``count`` items."""
 
@@ -105,19 +120,7 @@ class GraphQLApi(FakeUpstream):
         return [self._public(r) for r in self._since(self.records(), updatedSince)[skip : skip + first]]
 
     def handle(self, method: str, path: str, params: dict[str, str], body: bytes, headers: dict[str, str]) -> Reply:
-        if path != "/graphql":
-            return Reply(404, {"errors": [{"message": f"No route {path}"}]})
-        try:
-            request = json.loads(body)
-        except ValueError:
-            raise BadRequest("the body is not JSON") from None
-        if not isinstance(request, dict) or not isinstance(request.get("query"), str):
-            raise BadRequest("the body must be an object with a 'query' string")
-        root = {"jobs": self._resolve_jobs, "items": self._resolve_items}
-        result = graphql.graphql_sync(SCHEMA, request["query"], root_value=root,
-                                      variable_values=request.get("variables"),
-                                      field_resolver=_root_or_default)
-        return Reply(200, result.formatted)
+        return serve_graphql(SCHEMA, {"jobs": self._resolve_jobs, "items": self._resolve_items}, path, body)
 
     def _fault_reply(self, fault: _Fault) -> Reply:
         if fault.kind == "graphql_errors":
@@ -179,17 +182,7 @@ class PagesApi(FakeUpstream):
                 "pageInfo": {"hasNextPage": page + 1 < len(pages), "endCursor": f"p{page}"}}
 
     def handle(self, method: str, path: str, params: dict[str, str], body: bytes, headers: dict[str, str]) -> Reply:
-        if path != "/graphql":
-            return Reply(404, {"errors": [{"message": f"No route {path}"}]})
-        try:
-            request = json.loads(body)
-        except ValueError:
-            raise BadRequest("the body is not JSON") from None
-        if not isinstance(request, dict) or not isinstance(request.get("query"), str):
-            raise BadRequest("the body must be an object with a 'query' string")
-        result = graphql.graphql_sync(PAGES_SCHEMA, request["query"], root_value={"pages": self._resolve_pages},
-                                      variable_values=request.get("variables"), field_resolver=_root_or_default)
-        return Reply(200, result.formatted)
+        return serve_graphql(PAGES_SCHEMA, {"pages": self._resolve_pages}, path, body)
 
 
 PAGES_QUERY = ("query($first: Int!, $after: String) "
