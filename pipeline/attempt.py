@@ -7,8 +7,7 @@ a worker that lost its lease can only write parts nobody reads; the part list li
 lineage recorded (defect 1). Long phases (merge, upload) call :meth:`Attempt.heartbeat`, which
 renews the lease under the fence, and run inside :meth:`Attempt.keeping_lease`, which renews it
 from a timer while one blocking call (a single PUT over a slow link) lasts longer (defect 5);
-rate-limit waits and HTTP requests are bounded by
-:attr:`Attempt.deadline` (defect 8).
+rate-limit waits and HTTP requests are bounded by :attr:`Attempt.deadline` (defect 8).
 """
 
 from __future__ import annotations
